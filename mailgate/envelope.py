@@ -1,0 +1,99 @@
+"""
+Values that flow between the listener, the queue and (later) delivery.
+
+They are frozen: a stage that needs to change one makes a new one with attr.evolve.  The envelope is
+stored as JSON next to the message, never pickled, so a queue entry is readable by humans and by any
+version of mailgate.
+"""
+
+import json
+
+import attr
+
+
+@attr.s(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: a code, an RFC 3463 enhanced status (or "" for 220/221 style replies), text."""
+
+    code = attr.ib(converter=int)
+    status = attr.ib()
+    text = attr.ib()
+
+    @property
+    def is_positive(self):
+        return self.code < 400
+
+    @property
+    def is_temporary(self):
+        return 400 <= self.code < 500
+
+    def lines(self):
+        """The reply as the bytes lines to send (multi-line text becomes a multi-line reply)."""
+        texts = self.text.split("\n") if self.text else [""]
+        out = []
+        for i, text in enumerate(texts):
+            sep = " " if i == len(texts) - 1 else "-"
+            prefix = "%03d%s" % (self.code, sep)
+            if self.status:
+                prefix += self.status + " "
+            out.append((prefix + text).rstrip(" ").encode("utf-8", "replace"))
+        return out
+
+    def __str__(self):
+        return b"\r\n".join(self.lines()).decode("utf-8", "replace")
+
+
+@attr.s(frozen=True, slots=True)
+class Address:
+    """
+    A parsed RFC 5321 path.  local is the local part as written (quotes removed only where the
+    quoting was unnecessary), domain is lower-cased (an address literal keeps its brackets).  The
+    null reverse-path <> has local == domain == "".
+    """
+
+    local = attr.ib()
+    domain = attr.ib()
+
+    @property
+    def is_null(self):
+        return not self.local and not self.domain
+
+    def __str__(self):
+        if self.is_null:
+            return ""
+        return "%s@%s" % (self.local, self.domain)
+
+
+@attr.s(frozen=True, slots=True)
+class Envelope:
+    """
+    Everything known about a message besides its bytes, as stored in the queue before the 250.
+
+    sender is "" for the null reverse-path; recipients are plain addresses (str).  received_at is
+    a POSIX timestamp.  tls_version and tls_cipher are None on a plaintext session; user is None
+    when the client did not authenticate.
+    """
+
+    queue_id = attr.ib()
+    sender = attr.ib()
+    recipients = attr.ib(converter=tuple)
+    client_ip = attr.ib()
+    client_port = attr.ib(default=0)
+    helo = attr.ib(default="")
+    listener = attr.ib(default="")
+    user = attr.ib(default=None)
+    tls_version = attr.ib(default=None)
+    tls_cipher = attr.ib(default=None)
+    protocol = attr.ib(default="ESMTP")
+    received_at = attr.ib(default=0.0)
+    size = attr.ib(default=0)
+    body = attr.ib(default="7BIT")
+
+    def to_json(self):
+        return json.dumps(attr.asdict(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data):
+        fields = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+        known = {a.name for a in attr.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})

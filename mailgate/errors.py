@@ -1,0 +1,42 @@
+"""
+Exceptions that carry what the user must be told.
+
+A ReplyError carries the exact SMTP reply it stands for, so whoever catches it answers the client
+without guessing.  A ConfigError names the file, section and key, so start-up can print one line.
+"""
+
+import attr
+
+
+class ReplyError(Exception):
+    """Raised where a check fails with a definite SMTP reply (a mailgate.envelope.Reply)."""
+
+    def __init__(self, reply, reason=None):
+        Exception.__init__(self, reply, reason)
+        self.reply = reply
+        self.reason = reason
+
+    def __str__(self):
+        return str(self.reply)
+
+
+@attr.s(auto_exc=True, str=False)
+class ConfigError(Exception):
+    """
+    A configuration problem, rendered as one line: FILE: [SECTION] KEY: MESSAGE.
+
+    section and key are None when the problem is with the file as a whole (or a whole section).
+    """
+
+    file = attr.ib()
+    section = attr.ib()
+    key = attr.ib()
+    message = attr.ib()
+
+    def __str__(self):
+        where = str(self.file)
+        if self.section is not None:
+            where += ": [%s]" % (self.section,)
+            if self.key is not None:
+                where += " %s" % (self.key,)
+        return "%s: %s" % (where, self.message)

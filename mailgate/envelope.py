@@ -33,10 +33,10 @@ class Reply:
         out = []
         for i, text in enumerate(texts):
             sep = " " if i == len(texts) - 1 else "-"
-            prefix = "%03d%s" % (self.code, sep)
-            if self.status:
-                prefix += self.status + " "
-            out.append((prefix + text).rstrip(" ").encode("utf-8", "replace"))
+            # "334 " keeps its space: an empty SASL challenge is still "code SP" (RFC 4954 4).
+            words = [w for w in (self.status, text) if w]
+            line = "%03d%s%s" % (self.code, sep, " ".join(words))
+            out.append(line.encode("utf-8", "replace"))
         return out
 
     def __str__(self):

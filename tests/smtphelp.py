@@ -1,0 +1,164 @@
+"""
+Test doubles for driving mailgate.smtpd.SMTPServer in memory: a queue that can be told to fail
+or to wait, an auth backend, a transport that records startTLS, and a session wrapper.
+"""
+
+import ipaddress
+
+import attr
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mailgate.config import GatewayConfig, Limits, ListenerConfig
+from mailgate.interfaces import IAuthBackend, IQueue
+from mailgate.smtpd import SMTPFactory
+
+
+@implementer(IQueue)
+class MemoryQueue:
+    """Keeps messages in a dict.  fail=True makes enqueue errback; hold=True keeps it pending."""
+
+    def __init__(self):
+        self.messages = {}
+        self.calls = 0
+        self.fail = False
+        self.hold = False
+        self.pending = []
+
+    def recover(self):
+        return defer.succeed(0)
+
+    def enqueue(self, envelope, data, state="active"):
+        self.calls += 1
+        if self.fail:
+            return defer.fail(OSError(28, "No space left on device"))
+        if self.hold:
+            d = defer.Deferred()
+            self.pending.append((d, envelope, data))
+            return d
+        self.messages[envelope.queue_id] = (envelope, data)
+        return defer.succeed(envelope.queue_id)
+
+    def release(self):
+        for d, envelope, data in self.pending:
+            self.messages[envelope.queue_id] = (envelope, data)
+            d.callback(envelope.queue_id)
+        self.pending = []
+
+    def load(self, queue_id):
+        envelope, data = self.messages[queue_id]
+        return defer.succeed(("active", envelope, data))
+
+    def list(self, state=None):
+        return defer.succeed([("active", e) for e, _ in self.messages.values()])
+
+    def move(self, queue_id, state):
+        return defer.succeed(None)
+
+    def remove(self, queue_id):
+        self.messages.pop(queue_id, None)
+        return defer.succeed(None)
+
+
+@attr.s(frozen=True)
+class User:
+    name = attr.ib()
+    senders = attr.ib(default=())
+
+    def may_send_as(self, address):
+        return address.lower() in self.senders or (
+            "@" in address and "@" + address.rsplit("@", 1)[1].lower() in self.senders)
+
+
+@implementer(IAuthBackend)
+class MemoryAuth:
+    """alice@example.com / secret may send as herself and @example.com; delayed=True waits."""
+
+    def __init__(self):
+        self.users = {"alice@example.com": ("secret", User("alice@example.com", ("alice@example.com",)))}
+        self.delayed = False
+        self.pending = []
+        self.broken = False
+
+    def authenticate(self, username, password):
+        if self.broken:
+            return defer.fail(RuntimeError("backend down"))
+        entry = self.users.get(username)
+        result = entry[1] if entry is not None and entry[0] == password else None
+        if self.delayed:
+            d = defer.Deferred()
+            self.pending.append((d, result))
+            return d
+        return defer.succeed(result)
+
+
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS (no real handshake: that is tested end to end)."""
+
+    tls_started = None
+
+    def startTLS(self, context):
+        self.tls_started = context
+
+
+def listener(**kw):
+    values = dict(name="test", endpoint="tcp:0", role="relay", tls="optional", auth="optional",
+                  max_message_size=10000, max_recipients=5, limits=Limits())
+    for key in ("allowed_ips", "relay_ips"):
+        if key in kw:
+            kw[key] = tuple(ipaddress.ip_network(n) for n in kw[key])
+    values.update(kw)
+    return ListenerConfig(**values)
+
+
+GATEWAY = GatewayConfig(hostname="mx.example.net", accepted_domains=("example.com", "example.org"))
+
+
+class Session:
+    """One SMTPServer on a TLSStringTransport, with helpers to send lines and read replies."""
+
+    def __init__(self, listener_config=None, peer="192.0.2.10", hooks=None, queue=None, auth=None,
+                 tls=object(), clock=None):
+        self.clock = clock or Clock()
+        self.queue = queue if queue is not None else MemoryQueue()
+        self.auth = auth if auth is not None else MemoryAuth()
+        ids = iter("Q%04d" % i for i in range(1, 10000))
+        self.factory = SMTPFactory(listener_config or listener(), GATEWAY, self.clock, self.queue,
+                                   lambda: next(ids), auth=self.auth, tls=tls, hooks=hooks)
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        self.proto = self.factory.buildProtocol(None)
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        self.proto.dataReceived(data)
+
+    def read(self):
+        """Every reply line written since the last read, as str."""
+        out = self.transport.value().decode("latin-1")
+        self.transport.clear()
+        return out
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.read()
+
+    @property
+    def closed(self):
+        return self.transport.disconnecting
+
+    def start_tls(self):
+        """STARTTLS, as if the handshake succeeded, then EHLO again."""
+        assert self.cmd("STARTTLS").startswith("220 2.0.0")
+        assert self.transport.tls_started is not None
+        return self.cmd("EHLO client.example")
+
+    def login(self, user="alice@example.com", password="secret"):
+        import base64
+
+        token = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
+        return self.cmd("AUTH PLAIN " + token)

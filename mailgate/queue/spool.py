@@ -1,0 +1,606 @@
+"""
+The embedded durable queue ("spool"): one file per message, in the directory named after its state.
+
+Why this shape: a message is written once, to tmp/<id>, with a single writev and an fdatasync; it is
+then renamed into its state directory and that directory is fsynced before anyone hears it is queued.
+A crash therefore leaves either a complete entry or a leftover in tmp/, which recover() deletes.
+Renames (and moves and removals) of concurrent sessions are grouped into one job so that a single
+directory fsync makes many of them durable.
+
+Entry format:  b"MGQ1 <json_len> <body_len> <crc32 hex of body>\\n" + envelope JSON + b"\\n" + body.
+
+Queue ids never contain a dot: names like "<id>.state" are reserved for sidecar files (per-recipient
+delivery state, later) and are left alone here.
+
+All disk I/O runs through run_in_thread; the functions prefixed with an underscore at module level are
+the thread-side halves and never touch Deferreds, the reactor or the logger.
+"""
+
+import errno
+import functools
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+import zlib
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgate.envelope import Envelope
+from mailgate.interfaces import IQueue
+
+log = Logger()
+
+STATES = ("active", "deferred", "hold", "quarantine")
+TMP = "tmp"
+CORRUPT = "corrupt"
+DIRECTORIES = (TMP,) + STATES + (CORRUPT,)
+
+MAGIC = b"MGQ1"
+_HEADER_MAX = 64  # "MGQ1 " + two 20-digit lengths + 8 hex digits + separators fits easily
+_FIRST_READ = 8192  # one read normally covers header and envelope JSON
+_ID_RE = re.compile(r"\A[0-9A-Za-z_-]{1,64}\Z")
+_SIDECAR_RE = re.compile(r"\A[0-9A-Za-z_-]{1,64}\.[0-9A-Za-z_-]+\Z")
+_HEX = frozenset(b"0123456789abcdef")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+# --- queue ids -------------------------------------------------------------------------------------
+
+# Crockford's base32: its digits are in ASCII order, so ids sort by time as plain strings.
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TIME_CHARS = 11  # 55 bits of microseconds: good until the year 3111 (10 chars ran out in 2005)
+_RANDOM_CHARS = 6  # 30 random bits: tells apart ids made in the same microsecond by other processes
+_id_lock = threading.Lock()
+_last_us = 0
+
+
+def _base32(number, width):
+    chars = []
+    for _ in range(width):
+        chars.append(_ALPHABET[number & 31])
+        number >>= 5
+    return "".join(reversed(chars))
+
+
+def new_queue_id():
+    """
+    A unique, time-ordered, file-name-safe id: 11 base32 chars of microseconds since the epoch, then
+    6 random ones.  Within a process the time part strictly increases, so ids never repeat here.
+    """
+    global _last_us
+    with _id_lock:
+        now = time.time_ns() // 1000
+        if now <= _last_us:
+            now = _last_us + 1
+        _last_us = now
+    rand = int.from_bytes(secrets.token_bytes(4), "big") >> 2
+    return _base32(now, _TIME_CHARS) + _base32(rand, _RANDOM_CHARS)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+class CorruptEntryError(KeyError):
+    """
+    load() found an entry it cannot trust and moved it to corrupt/.  A KeyError, because the queue no
+    longer has a usable entry with that id: code that skips missing entries skips these too.
+    """
+
+    def __init__(self, queue_id, state, reason, moved_to):
+        KeyError.__init__(self, queue_id)
+        self.queue_id = queue_id
+        self.state = state
+        self.reason = reason
+        self.moved_to = moved_to
+
+    def __str__(self):
+        return "queue entry %s in %s is corrupt (%s); moved to %s" % (
+            self.queue_id,
+            self.state,
+            self.reason,
+            self.moved_to,
+        )
+
+
+class _Corrupt(Exception):
+    """Thread-side: what is wrong with an entry's bytes."""
+
+
+def _check_state(state):
+    if state not in STATES:
+        raise ValueError("unknown queue state %r (one of %s)" % (state, ", ".join(STATES)))
+    return state
+
+
+def _check_id(queue_id):
+    if not isinstance(queue_id, str) or not _ID_RE.match(queue_id):
+        raise ValueError("not a queue id: %r" % (queue_id,))
+    return queue_id
+
+
+# --- thread side: small file-system helpers --------------------------------------------------------
+
+
+def _fsync_dir(path):
+    """Make the directory entries of path (creations, renames, unlinks) durable."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _writev_all(fd, buffers):
+    """writev until every byte is written: one syscall for the whole entry in the usual case."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if len(v)]
+    while views:
+        written = os.writev(fd, views)
+        if written <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        while written:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _pread_exact(fd, length, offset):
+    """Exactly length bytes at offset (one pread unless the kernel returns less)."""
+    chunks = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            raise _Corrupt("file ends early")
+        chunks.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _header(json_bytes, body):
+    return b"%s %d %d %08x\n" % (MAGIC, len(json_bytes), len(body), zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def _parse_header(head):
+    """(header_len, json_len, body_len, crc hex) from an entry's first bytes, or raise _Corrupt."""
+    end = head.find(b"\n", 0, _HEADER_MAX)
+    if end < 0:
+        raise _Corrupt("no header line")
+    parts = head[:end].split(b" ")
+    if len(parts) != 4 or parts[0] != MAGIC:
+        raise _Corrupt("bad magic")
+    if not (parts[1].isdigit() and parts[2].isdigit()):
+        raise _Corrupt("bad lengths in header")
+    if len(parts[3]) != 8 or not _HEX.issuperset(parts[3]):
+        raise _Corrupt("bad crc in header")
+    return end + 1, int(parts[1]), int(parts[2]), parts[3].decode("ascii")
+
+
+def _read_head(fd, name):
+    """
+    Check an open entry without reading its body: header, lengths against the file size, envelope.
+    Returns (envelope, body_offset, body_len, crc hex).
+    """
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise _Corrupt("not a regular file")
+    head = _pread_exact(fd, min(info.st_size, _FIRST_READ), 0) if info.st_size else b""
+    header_len, json_len, body_len, crc = _parse_header(head)
+    json_end = header_len + json_len
+    if json_end + 1 + body_len != info.st_size:
+        raise _Corrupt("header says %d bytes, file has %d" % (json_end + 1 + body_len, info.st_size))
+    if json_end + 1 > len(head):
+        head = _pread_exact(fd, json_end + 1, 0)
+    if head[json_end : json_end + 1] != b"\n":
+        raise _Corrupt("no newline after envelope")
+    try:
+        envelope = Envelope.from_json(head[header_len:json_end])
+    except Exception as e:
+        raise _Corrupt("bad envelope: %s" % (e,))
+    if envelope.queue_id != name:
+        raise _Corrupt("envelope is for %r" % (envelope.queue_id,))
+    return envelope, json_end + 1, body_len, crc
+
+
+def _move_aside(root, state, name):
+    """Rename a bad entry into corrupt/ (never over an older one) and make that durable."""
+    corrupt = os.path.join(root, CORRUPT)
+    target = os.path.join(corrupt, name)
+    n = 0
+    while os.path.lexists(target):
+        n += 1
+        target = os.path.join(corrupt, "%s.%d" % (name, n))
+    source_dir = os.path.join(root, state)
+    os.rename(os.path.join(source_dir, name), target)
+    _fsync_dir(corrupt)
+    _fsync_dir(source_dir)
+    return target
+
+
+def _set_aside(root, state, name, reason):
+    """Move a bad entry aside; the record of it is logged later, on the reactor thread."""
+    try:
+        moved_to = _move_aside(root, state, name)
+    except OSError as e:
+        moved_to = None
+        reason = "%s; could not move it aside: %s" % (reason, e)
+    return {"queue_id": name, "state": state, "reason": reason, "moved_to": moved_to}
+
+
+# --- thread side: the jobs -------------------------------------------------------------------------
+
+
+def _write_entry(path, json_bytes, data):
+    """Create path exclusively, write the whole entry with one writev, fdatasync; no leftovers."""
+    body = memoryview(data).cast("B")
+    head = _header(json_bytes, body) + json_bytes + b"\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _writev_all(fd, [head, body])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+
+
+def _commit(ops):
+    """
+    The group commit: run every op, then fsync each directory they touched once.  An op returns
+    (result, directories to fsync, undo or None).  Returns one (ok, result or Failure) per op; an op
+    whose directory fsync failed is undone if it can be and reported as failed.
+    """
+    outcomes = []
+    touched = {}  # directory -> indexes of the ops that need it; insertion order puts targets first
+    undos = {}
+    for i, op in enumerate(ops):
+        try:
+            result, directories, undo = op()
+        except Exception:
+            outcomes.append((False, Failure()))
+            continue
+        outcomes.append((True, result))
+        undos[i] = undo
+        for directory in directories:
+            touched.setdefault(directory, []).append(i)
+    for directory, users in touched.items():
+        try:
+            _fsync_dir(directory)
+        except OSError:
+            failure = Failure()
+            for i in users:
+                if outcomes[i][0]:
+                    outcomes[i] = (False, failure)
+                    if undos[i] is not None:
+                        undos[i]()
+    return outcomes
+
+
+def _op_rename_in(source, target_dir, target):
+    """Commit op of enqueue: the entry appears in its state directory complete or not at all."""
+    try:
+        os.rename(source, target)
+    except OSError:
+        _unlink_quietly(source)
+        raise
+    return None, [target_dir], functools.partial(_unlink_quietly, target)
+
+
+def _op_move(root, queue_id, state):
+    """Commit op of move: find the entry in another state and rename it into state."""
+    target_dir = os.path.join(root, state)
+    target = os.path.join(target_dir, queue_id)
+    for source_state in STATES:
+        if source_state == state:
+            continue
+        source_dir = os.path.join(root, source_state)
+        try:
+            os.rename(os.path.join(source_dir, queue_id), target)
+        except FileNotFoundError:
+            continue
+        return None, [target_dir, source_dir], None
+    if os.path.lexists(target):
+        return None, [], None
+    raise KeyError(queue_id)
+
+
+def _op_remove(root, queue_id):
+    """Commit op of remove."""
+    for state in STATES:
+        directory = os.path.join(root, state)
+        try:
+            os.unlink(os.path.join(directory, queue_id))
+        except FileNotFoundError:
+            continue
+        return None, [directory], None
+    raise KeyError(queue_id)
+
+
+def _read_entry(fd, name):
+    """(envelope, data) of an open entry, after checking the body against its crc."""
+    envelope, offset, length, crc = _read_head(fd, name)
+    data = _pread_exact(fd, length, offset) if length else b""
+    if "%08x" % (zlib.crc32(data) & 0xFFFFFFFF) != crc:
+        raise _Corrupt("crc mismatch")
+    return envelope, data
+
+
+def _load(root, queue_id):
+    """(state, envelope, data), checking the crc; a bad entry is set aside and CorruptEntryError raised."""
+    for state in STATES:
+        try:
+            fd = os.open(os.path.join(root, state, queue_id), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            envelope, data = _read_entry(fd, queue_id)
+        except _Corrupt as e:
+            reason = str(e)
+        else:
+            return state, envelope, data
+        finally:
+            os.close(fd)
+        problem = _set_aside(root, state, queue_id, reason)
+        raise CorruptEntryError(queue_id, state, problem["reason"], problem["moved_to"])
+    raise KeyError(queue_id)
+
+
+def _scan(root, state):
+    """([(state, envelope)], [problem]) for one state directory; bad entries are set aside."""
+    directory = os.path.join(root, state)
+    entries, problems = [], []
+    for name in os.listdir(directory):
+        if _SIDECAR_RE.match(name):
+            continue
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # removed or moved since listdir
+        try:
+            entries.append((state, _read_head(fd, name)[0]))
+        except _Corrupt as e:
+            problems.append(_set_aside(root, state, name, str(e)))
+        finally:
+            os.close(fd)
+    return entries, problems
+
+
+def _list(root, states):
+    entries, problems = [], []
+    for state in states:
+        found, bad = _scan(root, state)
+        entries.extend(found)
+        problems.extend(bad)
+    entries.sort(key=lambda entry: entry[1].queue_id)
+    return entries, problems
+
+
+def _make_directories(root):
+    """Create the spool directories that are missing; fsync the parents of new ones."""
+    if not os.path.isdir(root):
+        os.makedirs(root, 0o700, exist_ok=True)
+        _fsync_dir(os.path.dirname(root) or ".")
+    created = False
+    for name in DIRECTORIES:
+        try:
+            os.mkdir(os.path.join(root, name), 0o700)
+            created = True
+        except FileExistsError:
+            pass
+    if created:
+        _fsync_dir(root)
+
+
+def _clear_tmp(root):
+    """Delete every leftover of an interrupted write; returns how many."""
+    directory = os.path.join(root, TMP)
+    removed = 0
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            continue  # not ours to delete; it can never be mistaken for an entry
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
+def _recover(root):
+    """(leftovers removed from tmp/, problems set aside, entries that are fine)."""
+    _make_directories(root)
+    removed = _clear_tmp(root)
+    entries, problems = _list(root, STATES)
+    return removed, problems, len(entries)
+
+
+def _probe(root):
+    """Create, fsync and remove a small file in tmp/: can the spool still take messages?"""
+    path = os.path.join(root, TMP, ".probe-" + secrets.token_hex(6))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        _unlink_quietly(path)
+    return True
+
+
+# --- reactor side ----------------------------------------------------------------------------------
+
+
+class _GroupCommit:
+    """
+    Batches operations that change directories.  While one commit job runs in the thread pool new
+    requests wait; the next job runs all of them and fsyncs each directory once.  Each request's
+    Deferred fires only after the job (and so its directory fsync) is done.
+    """
+
+    def __init__(self, run_in_thread):
+        self._run = run_in_thread
+        self._pending = []
+        self._busy = False
+        self.jobs = 0  # how many commit jobs ran: for tests and the benchmark
+        self.ops = 0
+
+    def submit(self, op):
+        d = defer.Deferred()
+        self._pending.append((op, d))
+        self._start()
+        return d
+
+    def _start(self):
+        if self._busy or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._busy = True
+        self.jobs += 1
+        self.ops += len(batch)
+        d = self._run(_commit, [op for op, _ in batch])
+        d.addBoth(self._finished, batch)
+
+    def _finished(self, outcomes, batch):
+        self._busy = False
+        self._start()  # hand the next batch to the pool before running callbacks
+        if isinstance(outcomes, Failure):
+            outcomes = [(False, outcomes)] * len(batch)
+        for (_, d), (ok, value) in zip(batch, outcomes):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+
+
+@implementer(IQueue)
+class Spool:
+    """
+    The on-disk queue under path.  Call recover() once before the first enqueue.
+
+    run_in_thread(f, *args) -> Deferred is where all disk I/O goes; by default it is
+    deferToThreadPool on threadpool (or the reactor's own pool).  It may also fire synchronously.
+    """
+
+    def __init__(self, path, reactor, threadpool=None, run_in_thread=None):
+        self.path = os.path.abspath(os.fspath(path))
+        self._reactor = reactor
+        self._threadpool = threadpool
+        run = run_in_thread if run_in_thread is not None else self._in_pool
+        # A runner that raises instead of returning a failed Deferred must not wedge the commits.
+        self._run = functools.partial(defer.maybeDeferred, run)
+        self._committer = _GroupCommit(self._run)
+
+    def _in_pool(self, f, *args):
+        pool = self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
+        return threads.deferToThreadPool(self._reactor, pool, f, *args)
+
+    @property
+    def commit_jobs(self):
+        """How many group commits ran (each fsyncs every directory it touched once)."""
+        return self._committer.jobs
+
+    def _dir(self, name):
+        return os.path.join(self.path, name)
+
+    def recover(self):
+        return self._run(_recover, self.path).addCallback(self._recovered)
+
+    def _recovered(self, result):
+        removed, problems, entries = result
+        _log_problems(problems)
+        log.info(
+            "Queue {path} recovered: {entries} entries, {removed} leftovers removed, "
+            "{corrupt} corrupt entries set aside",
+            path=self.path,
+            entries=entries,
+            removed=removed,
+            corrupt=len(problems),
+        )
+        return removed + len(problems)
+
+    def enqueue(self, envelope, data, state="active"):
+        _check_state(state)
+        queue_id = _check_id(envelope.queue_id)
+        source = os.path.join(self._dir(TMP), queue_id)
+        target_dir = self._dir(state)
+        op = functools.partial(_op_rename_in, source, target_dir, os.path.join(target_dir, queue_id))
+        d = self._run(_write_entry, source, envelope.to_json(), data)
+        d.addCallback(lambda _: self._committer.submit(op))
+        d.addCallbacks(lambda _: queue_id, self._enqueue_failed, errbackArgs=(queue_id, state))
+        return d
+
+    def _enqueue_failed(self, failure, queue_id, state):
+        log.error(
+            "Could not queue {queue_id} in {state}: {error}",
+            queue_id=queue_id,
+            state=state,
+            error=failure.getErrorMessage(),
+        )
+        return failure
+
+    def load(self, queue_id):
+        _check_id(queue_id)
+        return self._run(_load, self.path, queue_id).addErrback(self._load_failed)
+
+    def _load_failed(self, failure):
+        if failure.check(CorruptEntryError):
+            e = failure.value
+            _log_problems(
+                [{"queue_id": e.queue_id, "state": e.state, "reason": e.reason, "moved_to": e.moved_to}]
+            )
+        return failure
+
+    def list(self, state=None):
+        states = STATES if state is None else (_check_state(state),)
+        return self._run(_list, self.path, states).addCallback(self._listed)
+
+    def _listed(self, result):
+        entries, problems = result
+        _log_problems(problems)
+        return entries
+
+    def move(self, queue_id, state):
+        _check_state(state)
+        _check_id(queue_id)
+        return self._committer.submit(functools.partial(_op_move, self.path, queue_id, state))
+
+    def remove(self, queue_id):
+        _check_id(queue_id)
+        return self._committer.submit(functools.partial(_op_remove, self.path, queue_id))
+
+    def check_writable(self):
+        return self._run(_probe, self.path).addErrback(self._not_writable)
+
+    def _not_writable(self, failure):
+        log.error("Queue {path} is not writable: {error}", path=self.path, error=failure.getErrorMessage())
+        return False
+
+
+def _log_problems(problems):
+    for problem in problems:
+        log.warn(
+            "Queue entry {queue_id} in {state} is corrupt ({reason}); moved to {moved_to}",
+            **problem,
+        )

@@ -1,0 +1,551 @@
+"""
+Tests for the durable spool.  Most run its thread-side jobs synchronously (or when the test says so)
+so that the order of writes, renames and fsyncs, and the moment a Deferred fires, can be checked.
+"""
+
+import errno
+import json
+import os
+import re
+import zlib
+
+import attr
+from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
+from twisted.logger import Logger, LogLevel
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface.verify import verifyObject
+
+from mailgate.envelope import Envelope
+from mailgate.interfaces import IQueue
+from mailgate.queue import CorruptEntryError, Spool, new_queue_id
+from mailgate.queue import spool as spool_module
+
+STATE_DIRS = ("active", "deferred", "hold", "quarantine")
+
+
+def sync_runner(f, *args):
+    """Runs a thread job at once, on this thread."""
+    return defer.maybeDeferred(f, *args)
+
+
+class QueuedRunner:
+    """Holds thread jobs until the test runs them, as a busy thread pool would."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_one(self, index=0):
+        f, args, d = self.jobs.pop(index)
+        defer.maybeDeferred(f, *args).chainDeferred(d)
+
+    def run_all(self):
+        while self.jobs:
+            self.run_one()
+
+
+def make_envelope(queue_id=None, **kwargs):
+    fields = dict(
+        queue_id=new_queue_id() if queue_id is None else queue_id,
+        sender="alice@example.org",
+        recipients=["bob@example.com", "carol@example.com"],
+        client_ip="192.0.2.1",
+        client_port=40000,
+        helo="client.example.org",
+        received_at=1700000000.25,
+        size=100,
+    )
+    fields.update(kwargs)
+    return Envelope(**fields)
+
+
+BODY = b"Subject: hi\r\n\r\nbinary \x00\xff\xfe and a dot line\r\n.\r\n" * 3
+
+
+class QueueIdTests(TestCase):
+    def test_unique_sortable_and_safe(self):
+        ids = [new_queue_id() for _ in range(5000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(ids, sorted(ids))
+        for queue_id in ids[:50]:
+            self.assertRegex(queue_id, r"\A[0-9A-Z]{17}\Z")
+
+    def test_sorts_by_time_not_by_random_part(self):
+        """An id made later sorts later even when its random part is smaller."""
+        self.patch(spool_module, "_last_us", 0)
+        randoms = iter([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00"])
+        self.patch(spool_module.secrets, "token_bytes", lambda n: next(randoms))
+        times = iter([31_000, 32_000])  # 31 and 32 microseconds: across a base32 digit boundary
+        self.patch(spool_module.time, "time_ns", lambda: next(times))
+        first, second = new_queue_id(), new_queue_id()
+        self.assertLess(first, second)
+
+    def test_clock_going_back_keeps_order(self):
+        self.patch(spool_module, "_last_us", 0)
+        times = iter([5_000_000_000, 4_000_000_000, 4_000_000_000])
+        self.patch(spool_module.time, "time_ns", lambda: next(times))
+        ids = [new_queue_id() for _ in range(3)]
+        self.assertEqual(ids, sorted(set(ids)))
+
+    def test_encoding_preserves_order(self):
+        numbers = sorted(int.from_bytes(os.urandom(7), "big") >> 1 for _ in range(500))
+        encoded = [spool_module._base32(n, 11) for n in numbers]
+        self.assertEqual(encoded, sorted(encoded))
+
+
+class SpoolTestMixin:
+    runner = staticmethod(sync_runner)
+
+    def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        self.spool = self.make_spool()
+        self.assertEqual(self.successResultOf(self.spool.recover()), 0)
+
+    def make_spool(self, runner=None):
+        return Spool(self.path, global_reactor, run_in_thread=runner or self.runner)
+
+    def names(self, directory):
+        return sorted(os.listdir(os.path.join(self.path, directory)))
+
+    def enqueue(self, envelope=None, data=BODY, state="active"):
+        envelope = envelope or make_envelope()
+        return envelope, self.successResultOf(self.spool.enqueue(envelope, data, state))
+
+    def entry_path(self, queue_id, state="active"):
+        return os.path.join(self.path, state, queue_id)
+
+
+class SpoolTests(SpoolTestMixin, TestCase):
+    def test_interface(self):
+        self.assertTrue(verifyObject(IQueue, self.spool))
+
+    def test_recover_creates_layout(self):
+        for name in ("tmp", "corrupt") + STATE_DIRS:
+            self.assertTrue(os.path.isdir(os.path.join(self.path, name)), name)
+
+    def test_recover_creates_missing_parents(self):
+        spool = Spool(os.path.join(self.path, "a", "b"), global_reactor, run_in_thread=sync_runner)
+        self.assertEqual(self.successResultOf(spool.recover()), 0)
+        self.assertTrue(os.path.isdir(os.path.join(self.path, "a", "b", "active")))
+
+    def test_round_trip(self):
+        envelope, queue_id = self.enqueue()
+        self.assertEqual(queue_id, envelope.queue_id)
+        state, loaded, data = self.successResultOf(self.spool.load(queue_id))
+        self.assertEqual((state, loaded, data), ("active", envelope, BODY))
+        self.assertEqual(self.successResultOf(self.spool.list()), [("active", envelope)])
+        self.assertEqual(self.names("tmp"), [])
+        mode = os.stat(self.entry_path(queue_id)).st_mode & 0o777
+        self.assertEqual(mode, 0o600)
+
+    def test_empty_and_large_bodies(self):
+        big = os.urandom(3 * 1024 * 1024 + 7)
+        for data in (b"", big, bytearray(b"bytearray body")):
+            _, queue_id = self.enqueue(data=data)
+            self.assertEqual(self.successResultOf(self.spool.load(queue_id))[2], bytes(data))
+
+    def test_enqueue_in_another_state(self):
+        envelope, queue_id = self.enqueue(state="hold")
+        self.assertEqual(self.successResultOf(self.spool.load(queue_id))[0], "hold")
+        self.assertEqual(self.successResultOf(self.spool.list("hold")), [("hold", envelope)])
+        self.assertEqual(self.successResultOf(self.spool.list("active")), [])
+
+    def test_list_is_sorted_by_id_and_filters_by_state(self):
+        entries = [self.enqueue(state=s)[0] for s in ("deferred", "active", "quarantine", "active")]
+        listed = self.successResultOf(self.spool.list())
+        self.assertEqual([e for _, e in listed], entries)
+        self.assertEqual([s for s, _ in listed], ["deferred", "active", "quarantine", "active"])
+        self.assertEqual(len(self.successResultOf(self.spool.list("active"))), 2)
+
+    def test_list_reads_headers_only(self):
+        """list() must not read message bodies: a large queue is listed at start-up."""
+        self.enqueue(data=b"x" * 1_000_000)
+        read = []
+        real_pread = os.pread
+        self.patch(spool_module.os, "pread", lambda fd, n, off: read.append(n) or real_pread(fd, n, off))
+        self.assertEqual(len(self.successResultOf(self.spool.list())), 1)
+        self.assertLessEqual(sum(read), 8192)
+
+    def test_file_format_is_readable(self):
+        """The envelope is plain JSON on the second line: readable by humans and other tools."""
+        envelope, queue_id = self.enqueue()
+        with open(self.entry_path(queue_id), "rb") as f:
+            raw = f.read()
+        header, rest = raw.split(b"\n", 1)
+        match = re.match(rb"\AMGQ1 (\d+) (\d+) ([0-9a-f]{8})\Z", header)
+        self.assertIsNotNone(match)
+        json_len, body_len = int(match.group(1)), int(match.group(2))
+        self.assertEqual(json.loads(rest[:json_len]), json.loads(envelope.to_json()))
+        self.assertEqual(json.loads(rest[:json_len])["recipients"], list(envelope.recipients))
+        self.assertEqual(rest[json_len : json_len + 1], b"\n")
+        self.assertEqual(rest[json_len + 1 :], BODY)
+        self.assertEqual(body_len, len(BODY))
+        self.assertEqual(int(match.group(3), 16), zlib.crc32(BODY))
+
+    def test_unknown_state(self):
+        _, queue_id = self.enqueue()
+        self.assertRaises(ValueError, self.spool.enqueue, make_envelope(), BODY, "bogus")
+        self.assertRaises(ValueError, self.spool.list, "tmp")
+        self.assertRaises(ValueError, self.spool.move, queue_id, "corrupt")
+
+    def test_unsafe_queue_id(self):
+        for bad in ("../etc/passwd", "a/b", "", ".hidden", "x.state"):
+            self.assertRaises(ValueError, self.spool.enqueue, make_envelope(bad), BODY)
+            self.assertRaises(ValueError, self.spool.load, bad)
+        self.assertEqual(self.names("tmp"), [])
+
+    def test_move(self):
+        envelope, queue_id = self.enqueue()
+        self.assertIsNone(self.successResultOf(self.spool.move(queue_id, "deferred")))
+        self.assertEqual(self.names("active"), [])
+        self.assertEqual(self.names("deferred"), [queue_id])
+        self.assertEqual(self.successResultOf(self.spool.load(queue_id))[:2], ("deferred", envelope))
+        self.successResultOf(self.spool.move(queue_id, "deferred"))  # already there: nothing to do
+        self.assertEqual(self.names("deferred"), [queue_id])
+        self.failureResultOf(self.spool.move(new_queue_id(), "hold"), KeyError)
+
+    def test_remove(self):
+        _, queue_id = self.enqueue(state="quarantine")
+        self.successResultOf(self.spool.remove(queue_id))
+        self.assertEqual(self.names("quarantine"), [])
+        self.failureResultOf(self.spool.load(queue_id), KeyError)
+        self.failureResultOf(self.spool.remove(queue_id), KeyError)
+
+    def test_load_missing(self):
+        failure = self.failureResultOf(self.spool.load(new_queue_id()), KeyError)
+        self.assertNotIsInstance(failure.value, CorruptEntryError)
+
+    def test_check_writable(self):
+        self.assertIs(self.successResultOf(self.spool.check_writable()), True)
+        self.assertEqual(self.names("tmp"), [])
+
+    def test_check_writable_fails(self):
+        os.rmdir(os.path.join(self.path, "tmp"))
+        with open(os.path.join(self.path, "tmp"), "w"):
+            pass  # a file where the directory should be: fails for root too
+        self.assertIs(self.successResultOf(self.spool.check_writable()), False)
+        self.flushLoggedErrors()
+
+
+class DurabilityOrderTests(SpoolTestMixin, TestCase):
+    """The Deferred of enqueue fires only after data fdatasync, rename and directory fsync."""
+
+    def record_syscalls(self):
+        calls, paths = [], {}
+        real = {name: getattr(os, name) for name in ("open", "fdatasync", "fsync", "rename", "close")}
+
+        def fake_open(path, flags, *args, **kwargs):
+            fd = real["open"](path, flags, *args, **kwargs)
+            paths[fd] = os.path.relpath(path, self.path)
+            return fd
+
+        def fake_close(fd):
+            paths.pop(fd, None)
+            real["close"](fd)
+
+        def fake_sync(name):
+            def sync(fd):
+                calls.append((name, paths.get(fd)))
+                real[name](fd)
+
+            return sync
+
+        def fake_rename(src, dst):
+            calls.append(("rename", os.path.relpath(src, self.path), os.path.relpath(dst, self.path)))
+            real["rename"](src, dst)
+
+        self.patch(spool_module.os, "open", fake_open)
+        self.patch(spool_module.os, "close", fake_close)
+        self.patch(spool_module.os, "fdatasync", fake_sync("fdatasync"))
+        self.patch(spool_module.os, "fsync", fake_sync("fsync"))
+        self.patch(spool_module.os, "rename", fake_rename)
+        return calls
+
+    def test_enqueue_order(self):
+        calls = self.record_syscalls()
+        envelope = make_envelope()
+        queue_id = envelope.queue_id
+        d = self.spool.enqueue(envelope, BODY)
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.successResultOf(d)
+        self.assertEqual(
+            calls,
+            [
+                ("fdatasync", "tmp/" + queue_id),
+                ("rename", "tmp/" + queue_id, "active/" + queue_id),
+                ("fsync", "active"),
+                ("fired",),
+            ],
+        )
+
+    def test_move_and_remove_fsync_directories(self):
+        _, queue_id = self.enqueue()
+        calls = self.record_syscalls()
+        d = self.spool.move(queue_id, "hold")
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.successResultOf(d)
+        self.assertEqual(
+            calls,
+            [
+                ("rename", "active/" + queue_id, "hold/" + queue_id),
+                ("fsync", "hold"),
+                ("fsync", "active"),
+                ("fired",),
+            ],
+        )
+        del calls[:]
+        d = self.spool.remove(queue_id)
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.successResultOf(d)
+        self.assertEqual(calls, [("fsync", "hold"), ("fired",)])
+
+    def test_not_fired_until_commit_job_ran(self):
+        runner = QueuedRunner()
+        self.spool = self.make_spool(runner)
+        d = self.spool.enqueue(make_envelope(), BODY)
+        runner.run_one()  # the write
+        self.assertNoResult(d)
+        self.assertEqual(self.names("active"), [])
+        self.assertEqual(len(runner.jobs), 1)  # the commit job waits in the pool
+        runner.run_one()
+        self.successResultOf(d)
+
+
+class GroupCommitTests(SpoolTestMixin, TestCase):
+    def count_dir_fsyncs(self):
+        counter = []
+        real = os.fsync
+        self.patch(spool_module.os, "fsync", lambda fd: counter.append(fd) or real(fd))
+        return counter
+
+    def test_concurrent_enqueues_share_directory_fsyncs(self):
+        runner = QueuedRunner()
+        self.spool = self.make_spool(runner)
+        fsyncs = self.count_dir_fsyncs()
+        envelopes = [make_envelope() for _ in range(40)]
+        ds = [self.spool.enqueue(e, BODY) for e in envelopes]
+        runner.run_all()
+        self.assertEqual(self.successResultOf(defer.gatherResults(ds)), [e.queue_id for e in envelopes])
+        self.assertLessEqual(len(fsyncs), 2)
+        self.assertLessEqual(self.spool.commit_jobs, 2)
+        self.assertEqual(self.names("active"), sorted(e.queue_id for e in envelopes))
+
+    def test_batch_mixes_operations_and_isolates_failures(self):
+        first, second = self.enqueue()[1], self.enqueue()[1]
+        runner = QueuedRunner()
+        self.spool = self.make_spool(runner)
+        fsyncs = self.count_dir_fsyncs()
+        blocker = self.spool.remove(first)  # keeps the committer busy so the rest queue up
+        added = self.spool.enqueue(make_envelope(), BODY, "deferred")
+        runner.run_one(1)  # the write finishes first: its rename waits for the next commit
+        moved = self.spool.move(second, "deferred")
+        missing = self.spool.remove(new_queue_id())
+        runner.run_all()
+        self.successResultOf(blocker)
+        self.successResultOf(moved)
+        self.failureResultOf(missing, KeyError)
+        self.successResultOf(added)
+        self.assertEqual(self.spool.commit_jobs, 2)
+        self.assertEqual(len(fsyncs), 1 + 2)  # active/ for the first job; deferred/ and active/
+        self.assertEqual(self.names("active"), [])
+        self.assertEqual(len(self.names("deferred")), 2)
+
+
+class CrashRecoveryTests(SpoolTestMixin, TestCase):
+    def write(self, directory, name, content):
+        with open(os.path.join(self.path, directory, name), "wb") as f:
+            f.write(content)
+
+    def good_entry_bytes(self, queue_id):
+        envelope = make_envelope(queue_id)
+        return spool_module._header(envelope.to_json(), BODY) + envelope.to_json() + b"\n" + BODY
+
+    def test_leftovers_removed_and_corrupt_set_aside(self):
+        good, _ = self.enqueue()
+        self.write("tmp", new_queue_id(), self.good_entry_bytes("X")[:30])
+        self.write("tmp", new_queue_id(), b"")
+        truncated, garbage, empty, wrong_id, bad_json = (new_queue_id() for _ in range(5))
+        self.write("active", truncated, self.good_entry_bytes(truncated)[:-1])
+        self.write("active", garbage, os.urandom(300))
+        self.write("deferred", empty, b"")
+        self.write("hold", wrong_id, self.good_entry_bytes(new_queue_id()))
+        body = b"{not json"
+        self.write("active", bad_json, b"MGQ1 %d 0 00000000\n%s\n" % (len(body), body))
+        self.write("active", good.queue_id + ".state", b"sidecar: left alone\n")
+        os.mkdir(os.path.join(self.path, "quarantine", "a-directory"))
+
+        events = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+        spool = self.make_spool()
+        self.assertEqual(self.successResultOf(spool.recover()), 2 + 6)
+        warnings = {e["queue_id"]: e for e in events if e["log_level"] == LogLevel.warn}
+        bad = [truncated, garbage, empty, wrong_id, bad_json, "a-directory"]
+        self.assertEqual(sorted(warnings), sorted(bad))
+        self.assertEqual(warnings[truncated]["state"], "active")
+        self.assertEqual(warnings[truncated]["moved_to"], os.path.join(self.path, "corrupt", truncated))
+        self.assertIn("header says", warnings[truncated]["reason"])
+        self.assertEqual(self.names("tmp"), [])
+        self.assertEqual(
+            self.names("corrupt"), sorted([truncated, garbage, empty, wrong_id, bad_json, "a-directory"])
+        )
+        self.assertEqual(self.successResultOf(spool.list()), [("active", good)])
+        self.assertEqual(self.names("active"), sorted([good.queue_id, good.queue_id + ".state"]))
+        self.assertEqual(self.successResultOf(spool.recover()), 0)
+
+    def test_corrupt_never_overwrites_older_corrupt(self):
+        queue_id = new_queue_id()
+        self.write("corrupt", queue_id, b"older")
+        self.write("active", queue_id, b"newer garbage")
+        self.assertEqual(self.successResultOf(self.make_spool().recover()), 1)
+        self.assertEqual(self.names("corrupt"), [queue_id, queue_id + ".1"])
+        with open(os.path.join(self.path, "corrupt", queue_id), "rb") as f:
+            self.assertEqual(f.read(), b"older")
+
+    def test_crc_mismatch_on_load(self):
+        envelope, queue_id = self.enqueue()
+        with open(self.entry_path(queue_id), "r+b") as f:
+            f.seek(-3, os.SEEK_END)
+            f.write(b"XYZ")
+        failure = self.failureResultOf(self.spool.load(queue_id), CorruptEntryError)
+        self.assertEqual(failure.value.reason, "crc mismatch")
+        self.assertEqual(failure.value.moved_to, os.path.join(self.path, "corrupt", queue_id))
+        self.assertIsInstance(failure.value, KeyError)  # callers that skip missing ids skip it too
+        self.assertEqual(self.names("active"), [])
+        self.assertEqual(self.names("corrupt"), [queue_id])
+        self.assertEqual(self.successResultOf(self.spool.list()), [])
+        self.assertNotIsInstance(self.failureResultOf(self.spool.load(queue_id)).value, CorruptEntryError)
+
+    def test_list_sets_aside_entries_gone_bad(self):
+        envelope, _ = self.enqueue()
+        bad = new_queue_id()
+        self.write("active", bad, b"MGQ1 1 1 0000")
+        self.assertEqual(self.successResultOf(self.spool.list()), [("active", envelope)])
+        self.assertEqual(self.names("corrupt"), [bad])
+
+
+class WriteErrorTests(SpoolTestMixin, TestCase):
+    def fail(self, name, error_number=errno.ENOSPC):
+        def broken(*args, **kwargs):
+            raise OSError(error_number, os.strerror(error_number))
+
+        self.patch(spool_module.os, name, broken)
+
+    def assertNothingQueued(self, d):
+        self.failureResultOf(d, OSError)
+        self.flushLoggedErrors()
+        for directory in ("tmp",) + STATE_DIRS:
+            self.assertEqual(self.names(directory), [], directory)
+
+    def test_writev_fails(self):
+        self.fail("writev")
+        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
+
+    def test_partial_writes_are_completed(self):
+        real = os.writev
+        self.patch(spool_module.os, "writev", lambda fd, bufs: real(fd, [bytes(bufs[0])[:7]]))
+        envelope, queue_id = self.enqueue()
+        self.assertEqual(self.successResultOf(self.spool.load(queue_id))[2], BODY)
+
+    def test_fdatasync_fails(self):
+        self.fail("fdatasync", errno.EIO)
+        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
+
+    def test_rename_fails(self):
+        self.fail("rename", errno.EIO)
+        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
+
+    def test_directory_fsync_fails(self):
+        """The rename happened but is not durable: the client gets 451, so the entry must go."""
+        self.fail("fsync", errno.EIO)
+        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
+
+    def test_tmp_not_a_directory(self):
+        os.rmdir(os.path.join(self.path, "tmp"))
+        with open(os.path.join(self.path, "tmp"), "w"):
+            pass
+        self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)
+        self.flushLoggedErrors()
+        for directory in STATE_DIRS:
+            self.assertEqual(self.names(directory), [])
+
+    def test_read_only_directory(self):
+        if os.geteuid() == 0:
+            raise SkipTest("root ignores directory permissions")
+        os.chmod(os.path.join(self.path, "tmp"), 0o500)
+        self.addCleanup(os.chmod, os.path.join(self.path, "tmp"), 0o700)
+        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
+
+    def test_duplicate_write_keeps_other_file(self):
+        """O_EXCL: a second writer of the same id fails and does not delete the first one's file."""
+        envelope = make_envelope()
+        self.write_tmp(envelope.queue_id)
+        self.failureResultOf(self.spool.enqueue(envelope, BODY), OSError)
+        self.flushLoggedErrors()
+        self.assertEqual(self.names("tmp"), [envelope.queue_id])
+
+    def write_tmp(self, name):
+        with open(os.path.join(self.path, "tmp", name), "wb") as f:
+            f.write(b"being written")
+
+    def test_runner_raising_does_not_wedge_commits(self):
+        calls = []
+
+        def flaky(f, *args):
+            calls.append(f)
+            if f is spool_module._commit and len(calls) == 2:
+                raise RuntimeError("pool is gone")
+            return sync_runner(f, *args)
+
+        self.spool = self.make_spool(flaky)
+        self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), RuntimeError)
+        self.flushLoggedErrors()
+        self.enqueue()
+
+
+class ThreadPoolTests(TestCase):
+    """The real thing: a thread pool, the running reactor, 50 concurrent sessions."""
+
+    def setUp(self):
+        self.pool = ThreadPool(minthreads=1, maxthreads=8, name="spool-test")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    @defer.inlineCallbacks
+    def test_concurrent_enqueue(self):
+        spool = Spool(self.mktemp(), global_reactor, threadpool=self.pool)
+        self.assertEqual((yield spool.recover()), 0)
+        envelopes = [make_envelope() for _ in range(50)]
+        bodies = [os.urandom(1000 + i * 97) for i in range(50)]
+        ids = yield defer.gatherResults(
+            [spool.enqueue(e, b) for e, b in zip(envelopes, bodies)], consumeErrors=True
+        )
+        self.assertEqual(ids, [e.queue_id for e in envelopes])
+        listed = yield spool.list()
+        self.assertEqual(listed, [("active", e) for e in envelopes])
+        for envelope, body in list(zip(envelopes, bodies))[::7]:
+            self.assertEqual((yield spool.load(envelope.queue_id)), ("active", envelope, body))
+        self.assertLessEqual(spool.commit_jobs, 50)
+        self.assertEqual(os.listdir(os.path.join(spool.path, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_default_runner_uses_reactors_pool(self):
+        pool = self.pool
+
+        class Reactor:
+            callFromThread = staticmethod(global_reactor.callFromThread)
+
+            def getThreadPool(self):
+                return pool
+
+        spool = Spool(self.mktemp(), Reactor())
+        yield spool.recover()
+        envelope = make_envelope()
+        yield spool.enqueue(envelope, BODY)
+        self.assertEqual((yield spool.load(envelope.queue_id)), ("active", envelope, BODY))
+        self.assertIs((yield spool.check_writable()), True)

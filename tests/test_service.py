@@ -1,0 +1,132 @@
+"""
+build_service() assembles the whole gateway without touching the global reactor: checked on a
+MemoryReactorClock with a thread runner the test controls.
+"""
+
+import errno
+import socket
+
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial import unittest
+
+from mailgate import Gateway
+from mailgate.config import AuthConfig, Config, GatewayConfig, Limits, QueueConfig, TLSConfig
+from mailgate.errors import ConfigError
+from mailgate.smtpd import SMTPFactory
+
+from tests.smtphelp import listener
+from tests.tlsutil import make_ca
+
+
+class HeldRunner:
+    """A run_in_thread that runs jobs only when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def run_all(self):
+        while self.jobs:
+            d, f, args = self.jobs.pop(0)
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+
+def make_config(case, listeners=None):
+    root = case.mktemp()
+    ca = make_ca(root)
+    cert, key = ca.issue("mx.example.net", root)
+    return Config(
+        path=root + "/mailgate.ini",
+        gateway=GatewayConfig(hostname="mx.example.net", accepted_domains=("example.com",)),
+        limits=Limits(),
+        queue=QueueConfig(path=root + "/spool"),
+        tls=TLSConfig(certificate=cert, private_key=key),
+        auth=AuthConfig(),
+        listeners=listeners or (
+            listener(name="relay", endpoint="tcp:2525:interface=127.0.0.1"),
+            listener(name="smtps", endpoint="tcp:2465:interface=127.0.0.1", role="submission",
+                     tls="implicit", auth="optional"),
+        ),
+    )
+
+
+class BuildServiceTests(unittest.TestCase):
+    def test_listeners_bound_on_the_given_reactor(self):
+        reactor = MemoryReactorClock()
+        runner = HeldRunner()
+        service = Gateway.from_config(make_config(self), reactor=reactor, run_in_thread=runner)
+        service.startService()
+        self.addCleanup(service.stopService)
+        ports = [(port, interface) for port, _, _, interface in reactor.tcpServers]
+        self.assertEqual(ports, [(2525, "127.0.0.1"), (2465, "127.0.0.1")])
+        relay_factory, smtps_factory = [factory for _, factory, _, _ in reactor.tcpServers]
+        self.assertIsInstance(relay_factory, SMTPFactory)
+        self.assertIsInstance(smtps_factory, TLSMemoryBIOFactory)
+        self.assertEqual(relay_factory.gateway.hostname, "mx.example.net")
+
+    def test_sessions_wait_for_queue_recovery_before_the_banner(self):
+        reactor = MemoryReactorClock()
+        runner = HeldRunner()
+        service = Gateway.from_config(make_config(self), reactor=reactor, run_in_thread=runner)
+        service.startService()
+        self.addCleanup(service.stopService)
+        factory = reactor.tcpServers[0][1]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"EHLO early.example\r\n")
+        self.assertEqual(transport.value(), b"")
+        runner.run_all()  # recovery runs
+        self.assertEqual(transport.value().split(b"\r\n")[0], b"220 mx.example.net ESMTP")
+        self.assertIn(b"250-mx.example.net", transport.value())
+
+    def test_failed_recovery_refuses_sessions_with_421(self):
+        reactor = MemoryReactorClock()
+        runner = HeldRunner()
+        config = make_config(self)
+        service = Gateway.from_config(config, reactor=reactor, run_in_thread=runner)
+        service.startService()
+        self.addCleanup(service.stopService)
+        factory = reactor.tcpServers[0][1]
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+        proto.makeConnection(transport)
+        d, f, args = runner.jobs.pop(0)
+        d.errback(OSError(errno.EACCES, "Permission denied"))
+        self.assertEqual(transport.value(),
+                         b"421 4.3.0 mx.example.net Service not available, try again later\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.flushLoggedErrors(OSError)
+
+    def test_port_in_use_is_a_config_error_naming_the_listener(self):
+        class BusyReactor(MemoryReactorClock):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise CannotListenError(interface, port, socket.error(errno.EADDRINUSE, "in use"))
+
+        service = Gateway.from_config(make_config(self), reactor=BusyReactor(), run_in_thread=HeldRunner())
+        error = self.assertRaises(ConfigError, service.startService)
+        self.assertEqual(error.section, "listener:relay")
+        self.assertEqual(error.key, "endpoint")
+        self.assertIn("cannot listen on tcp:2525:interface=127.0.0.1: address already in use", str(error))
+
+    def test_unwritable_spool_is_a_config_error(self):
+        config = make_config(self)
+        import attr
+
+        config = attr.evolve(config, queue=QueueConfig(path="/proc/mailgate-spool"))
+        error = self.assertRaises(ConfigError, Gateway.from_config, config,
+                                  reactor=MemoryReactorClock(), run_in_thread=HeldRunner())
+        self.assertEqual((error.section, error.key), ("queue", "path"))

@@ -3,9 +3,26 @@ The gateway's configuration: the ini file is read and validated here, once, into
 
 No other module reads the ini.  Every problem is a mailgate.errors.ConfigError naming the file,
 section and key.  Relative paths in a config file are relative to the directory holding that file.
+
+Parsing is driven by SECTIONS (one table of key -> Key(kind, default) per section).  To add a
+section: write its frozen attrs class, add a field for it to Config, add a KEYS table and one
+SECTIONS entry (named=True for [KIND:NAME] sections that may repeat; they become a tuple), and
+document every key in etc/mailgate.ini and docs/configuration.md (a test checks both).
+Checks spanning sections go in CHECKS.
 """
 
+import ast
+import configparser
+import ipaddress
+import os
+import re
+import socket
+import stat
+
 import attr
+from twisted.internet import endpoints
+
+from mailgate.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # The typed values (the contract other modules rely on).  Sizes are ints (bytes), durations are
@@ -71,3 +88,548 @@ class Config:
     tls = attr.ib()
     auth = attr.ib()
     listeners = attr.ib()  # tuple of ListenerConfig, in file order
+
+
+# ---------------------------------------------------------------------------------------------
+# Value kinds.  Each turns the text of one ini value into a typed value (raising ValueError with
+# what was expected and what was given) and back into text for render_config.
+# ---------------------------------------------------------------------------------------------
+
+
+def _expected(what, text):
+    return ValueError("expected %s, got %r" % (what, text))
+
+
+def _items(text):
+    """Comma-separated (or continued on indented lines); blanks around items are ignored."""
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+@attr.s(frozen=True)
+class Int:
+    minimum = attr.ib(default=None)
+
+    def parse(self, text, base):
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise _expected("an integer", text)
+        if self.minimum is not None and int(text) < self.minimum:
+            raise _expected("an integer >= %d" % self.minimum, text)
+        return int(text)
+
+    def render(self, value):
+        return str(value)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@attr.s(frozen=True)
+class Size:
+    """Bytes, or K/M/G in powers of 1024 (35M, 512K, 1048576)."""
+
+    minimum = attr.ib(default=1)
+
+    def parse(self, text, base):
+        match = re.fullmatch(r"([0-9]+) *([KMG]?)", text, re.IGNORECASE)
+        if not match:
+            raise _expected("a size like 35M", text)
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+        if value < self.minimum:
+            raise _expected("a size of at least %d bytes" % self.minimum, text)
+        return value
+
+    def render(self, value):
+        for unit in "GMK":
+            if value and value % _SIZE_UNITS[unit] == 0:
+                return "%d%s" % (value // _SIZE_UNITS[unit], unit)
+        return str(value)
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@attr.s(frozen=True)
+class Duration:
+    """Seconds, or a number with an s/m/h/d suffix (30, 10s, 5m, 1h, 2d); a float of seconds."""
+
+    positive = attr.ib(default=True)
+
+    def parse(self, text, base):
+        match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) *([smhd]?)", text, re.IGNORECASE)
+        if not match:
+            raise _expected("a duration like 30s, 5m, 1h or 2d", text)
+        value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        if self.positive and value <= 0:
+            raise _expected("a duration greater than 0", text)
+        return value
+
+    def render(self, value):
+        if value != int(value):
+            return "%ss" % (value,)
+        for unit in "dhm":
+            if value and value % _DURATION_UNITS[unit] == 0:
+                return "%d%s" % (value // _DURATION_UNITS[unit], unit)
+        return "%ds" % (value,)
+
+
+@attr.s(frozen=True)
+class Bool:
+    def parse(self, text, base):
+        try:
+            return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
+        except KeyError:
+            raise _expected("yes or no", text) from None
+
+    def render(self, value):
+        return "yes" if value else "no"
+
+
+@attr.s(frozen=True)
+class Choice:
+    choices = attr.ib()  # the canonical spellings; matched without regard to case
+
+    def parse(self, text, base):
+        for choice in self.choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise _expected("one of %s" % ", ".join(self.choices), text)
+
+    def render(self, value):
+        return value
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _hostname(text):
+    """A lower-case DNS name (LDH labels); one trailing dot is dropped."""
+    name = text.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if 1 <= len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return name
+    raise _expected("a hostname like mail.example.com", text)
+
+
+@attr.s(frozen=True)
+class Hostname:
+    def parse(self, text, base):
+        return _hostname(text)
+
+    def render(self, value):
+        return value
+
+
+@attr.s(frozen=True)
+class DomainList:
+    """A tuple of lower-case domains, duplicates dropped, order kept."""
+
+    def parse(self, text, base):
+        domains = []
+        for item in _items(text):
+            try:
+                domain = _hostname(item)
+            except ValueError:
+                raise _expected("a comma-separated list of domains like example.com", item)
+            if domain not in domains:
+                domains.append(domain)
+        return tuple(domains)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class NetworkList:
+    """A tuple of ipaddress networks; a bare address is a single host."""
+
+    def parse(self, text, base):
+        return tuple(self._network(item) for item in _items(text))
+
+    def _network(self, item):
+        what = "an address or network like 192.0.2.0/24 or 2001:db8::/32"
+        try:
+            return ipaddress.ip_network(item)
+        except ValueError:
+            pass
+        try:
+            loose = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _expected(what, item) from None
+        raise ValueError("%s (host bits set: did you mean %s?)" % (_expected(what, item), loose))
+
+    def render(self, value):
+        return ", ".join(str(network) for network in value)
+
+
+@attr.s(frozen=True)
+class Path:
+    """An absolute path; relative ones are taken from the config file's directory.  Empty: None."""
+
+    def parse(self, text, base):
+        if not text:
+            return None
+        if "\n" in text or "\0" in text:
+            raise _expected("a path", text)
+        return os.path.normpath(os.path.join(base, text))
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+
+@attr.s(frozen=True)
+class Endpoint:
+    """A Twisted server endpoint string of an allowed type, kept as written."""
+
+    def parse(self, text, base):
+        kind = text.split(":", 1)[0]
+        if kind == "ssl":
+            raise ValueError("ssl endpoints are not used: write tcp:PORT and tls = implicit, got %r" % text)
+        if kind not in _ENDPOINT_TYPES or ":" not in text:
+            what = "an endpoint like tcp:25 of type %s" % ", ".join(_ENDPOINT_TYPES)
+            raise _expected(what, text)
+        try:
+            endpoint = endpoints.serverFromString(None, text)
+        except (IndexError, KeyError):
+            if kind != "systemd":
+                raise _expected("a valid %s endpoint" % kind, text) from None
+            return text  # systemd's descriptors exist only once systemd starts us
+        except Exception as e:
+            raise ValueError("%s (%s)" % (_expected("a valid %s endpoint" % kind, text), e))
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise _expected("a port from 0 to 65535", text)
+        return text
+
+    def render(self, value):
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: one table per section of key -> Key(kind, default).  A default is the text of a
+# value, or a callable (values of this section so far, config values built so far) -> value.
+# Sections are built in this order, so a default may come from an earlier section.
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED = object()
+
+
+@attr.s(frozen=True)
+class Key:
+    kind = attr.ib()
+    default = attr.ib(default=REQUIRED)
+
+
+@attr.s(frozen=True)
+class Section:
+    """
+    How ini sections become one Config field.  A named section is written [KIND:NAME] any number
+    of times and becomes a tuple; build(name, values) makes the value, flatten(value) undoes it
+    (-> (name, values)) for render_config; check(values) -> (key, message) or None.
+    """
+
+    field = attr.ib()
+    keys = attr.ib()
+    build = attr.ib()
+    flatten = attr.ib()
+    check = attr.ib(default=None)
+    named = attr.ib(default=False)
+
+
+def _plain(field, cls, keys, check=None):
+    """A section that is a single attrs value with one attribute per key."""
+    return Section(
+        field,
+        keys,
+        build=lambda name, values: cls(**values),
+        flatten=lambda value: (None, attr.asdict(value, recurse=False)),
+        check=check,
+    )
+
+
+def _inherit(field, key):
+    return lambda values, built: getattr(built[field], key)
+
+
+def _default_hostname(values, built):
+    name = socket.getfqdn()
+    try:
+        return _hostname(name)
+    except ValueError:
+        raise ValueError("not set, and this machine's name %r is not a valid hostname" % name)
+
+
+def _by_role(submission, relay):
+    return lambda values, built: submission if values["role"] == "submission" else relay
+
+
+GATEWAY_KEYS = {
+    "hostname": Key(Hostname(), _default_hostname),
+    "accepted_domains": Key(DomainList(), ""),
+    "max_message_size": Key(Size(), "35M"),
+}
+
+LIMITS_KEYS = {
+    "max_auth_failures": Key(Int(1), "3"),
+    "max_errors": Key(Int(1), "10"),
+    "command_timeout": Key(Duration(), "5m"),
+    "data_timeout": Key(Duration(), "10m"),
+    "session_timeout": Key(Duration(), "30m"),
+}
+
+QUEUE_KEYS = {
+    "backend": Key(Choice(("spool",)), "spool"),
+    "path": Key(Path(), "/var/spool/mailgate"),
+}
+
+TLS_KEYS = {
+    "certificate": Key(Path(), ""),
+    "private_key": Key(Path(), ""),
+    "min_version": Key(Choice(("TLSv1.2", "TLSv1.3")), "TLSv1.2"),
+    "generate_self_signed": Key(Bool(), "no"),
+}
+
+AUTH_KEYS = {
+    "users_file": Key(Path(), ""),
+}
+
+LISTENER_KEYS = {
+    "endpoint": Key(Endpoint()),
+    "role": Key(Choice(("submission", "relay"))),
+    "tls": Key(Choice(("none", "optional", "required", "implicit")), _by_role("required", "optional")),
+    "auth": Key(Choice(("none", "optional", "required")), _by_role("required", "optional")),
+    "allowed_ips": Key(NetworkList(), ""),
+    "relay_ips": Key(NetworkList(), ""),
+    "max_message_size": Key(Size(), _inherit("gateway", "max_message_size")),
+    "max_recipients": Key(Int(1), "100"),
+}
+LISTENER_KEYS.update({key: Key(spec.kind, _inherit("limits", key)) for key, spec in LIMITS_KEYS.items()})
+
+
+def _build_listener(name, values):
+    limits = Limits(**{key: values.pop(key) for key in LIMITS_KEYS})
+    return ListenerConfig(name=name, limits=limits, **values)
+
+
+def _flatten_listener(listener):
+    values = attr.asdict(listener, recurse=False)
+    values.update(attr.asdict(values.pop("limits")))
+    return values.pop("name"), values
+
+
+def _check_listener(values):
+    if values["auth"] == "required" and values["tls"] == "none":
+        return "auth", "auth = required needs tls"
+    return None
+
+
+SECTIONS = {
+    "gateway": _plain("gateway", GatewayConfig, GATEWAY_KEYS),
+    "limits": _plain("limits", Limits, LIMITS_KEYS),
+    "queue": _plain("queue", QueueConfig, QUEUE_KEYS),
+    "tls": _plain("tls", TLSConfig, TLS_KEYS),
+    "auth": _plain("auth", AuthConfig, AUTH_KEYS),
+    "listener": Section(
+        "listeners", LISTENER_KEYS, _build_listener, _flatten_listener, _check_listener, named=True
+    ),
+}
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_MAX_FILE_SIZE = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path):
+    """Read, parse and check the ini file at path; every problem is one ConfigError."""
+    parser = _read(path)
+    base = os.path.dirname(os.path.abspath(path))
+    found = {kind: [] for kind in SECTIONS}
+    for name in parser.sections():
+        kind, instance = _classify(path, name)
+        found[kind].append((name, instance))
+    built = {}
+    for kind, section in SECTIONS.items():
+        if section.named:
+            built[section.field] = tuple(
+                section.build(instance, _values(path, base, parser, name, section, built))
+                for name, instance in found[kind]
+            )
+        else:
+            built[section.field] = section.build(None, _values(path, base, parser, kind, section, built))
+    config = Config(path=os.path.abspath(path), **built)
+    for check in CHECKS:
+        check(path, config)
+    return config
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read(_MAX_FILE_SIZE + 1)
+    except OSError as e:
+        raise ConfigError(path, None, None, "cannot read: %s" % (e.strerror or e,))
+    except UnicodeDecodeError as e:
+        message = "cannot read: not UTF-8 text (byte 0x%02x at offset %d)" % (e.object[e.start], e.start)
+        raise ConfigError(path, None, None, message)
+    except ValueError as e:
+        raise ConfigError(path, None, None, "cannot read: %s" % (e,))
+    if len(text) > _MAX_FILE_SIZE:
+        raise ConfigError(path, None, None, "cannot read: larger than 1M, not a config file")
+    return _parse(path, text)
+
+
+def _parse(path, text):
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        strict=True,
+        default_section="\0",  # so that [DEFAULT] is an unknown section, not a silent fallback
+        inline_comment_prefixes=("#",),
+        empty_lines_in_values=False,
+    )
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, "duplicate section (line %s)" % (e.lineno,))
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, "duplicate key (line %s)" % (e.lineno,))
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, None, None, "line %d: %r is not inside a [section]" % (e.lineno, e.line.strip()))
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]
+        line = _unrepr(line)
+        raise ConfigError(path, None, None, "line %d: expected 'key = value', got %r" % (lineno, line.strip()))
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, str(e).splitlines()[0])
+    return parser
+
+
+def _unrepr(line):
+    """ParsingError keeps repr(line) in some Python versions and the line in others."""
+    try:
+        value = ast.literal_eval(line)
+    except Exception:  # not a literal at all: the line itself
+        return line
+    return value if isinstance(value, str) else line
+
+
+def _classify(path, name):
+    """-> (SECTIONS key, instance name or None) for a section name as written."""
+    if name in SECTIONS and not SECTIONS[name].named:
+        return name, None
+    kind, _, instance = name.partition(":")
+    if kind not in SECTIONS or not SECTIONS[kind].named:
+        raise ConfigError(path, name, None, "unknown section")
+    if not _NAME.fullmatch(instance):
+        message = "expected [%s:NAME], NAME made of letters, digits, '_', '.' and '-'" % kind
+        raise ConfigError(path, name, None, message)
+    return kind, instance
+
+
+def _values(path, base, parser, name, section, built):
+    """The typed values of one section (all defaults filled in), checked."""
+    given = dict(parser.items(name, raw=True)) if parser.has_section(name) else {}
+    for key in given:
+        if key not in section.keys:
+            raise ConfigError(path, name, key, "unknown key")
+    values = {}
+    for key, spec in section.keys.items():
+        try:
+            values[key] = _value(base, spec, key, given, values, built)
+        except ValueError as e:
+            raise ConfigError(path, name, key, str(e))
+    problem = section.check(values) if section.check else None
+    if problem:
+        raise ConfigError(path, name, *problem)
+    return values
+
+
+def _value(base, spec, key, given, values, built):
+    if key in given:
+        return spec.kind.parse(given[key], base)
+    if spec.default is REQUIRED:
+        raise ValueError("required, but not set")
+    if callable(spec.default):
+        return spec.default(values, built)
+    return spec.kind.parse(spec.default, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks across sections, run in order once every section is built: each is (file, config).
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_listeners(path, config):
+    if not config.listeners:
+        raise ConfigError(path, None, None, "no [listener:NAME] section: at least one is required")
+    seen = {}
+    for listener in config.listeners:
+        first = seen.setdefault(listener.endpoint, listener.name)
+        if first != listener.name:
+            message = "same endpoint as [listener:%s]" % first
+            raise ConfigError(path, "listener:" + listener.name, "endpoint", message)
+
+
+def _check_tls(path, config):
+    users = [listener for listener in config.listeners if listener.tls != "none"]
+    keys = ("certificate", "private_key")
+    for key in keys:
+        if getattr(config.tls, key) is None and users:
+            message = "required, because [listener:%s] has tls = %s" % (users[0].name, users[0].tls)
+            raise ConfigError(path, "tls", key, message)
+    for key in keys:
+        value = getattr(config.tls, key)
+        if value is not None and not config.tls.generate_self_signed:
+            _check_readable(path, "tls", key, value)
+
+
+def _check_auth(path, config):
+    users = [listener for listener in config.listeners if listener.auth != "none"]
+    value = config.auth.users_file
+    if value is None and users:
+        message = "required, because [listener:%s] has auth = %s" % (users[0].name, users[0].auth)
+        raise ConfigError(path, "auth", "users_file", message)
+    if value is not None:
+        _check_readable(path, "auth", "users_file", value)
+
+
+def _check_readable(path, section, key, filename):
+    """Stat first so that a FIFO or a directory is refused without blocking on open."""
+    try:
+        mode = os.stat(filename).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(path, section, key, "file not found: %s" % filename) from None
+    except OSError:
+        raise ConfigError(path, section, key, "not readable: %s" % filename) from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(path, section, key, "not a file: %s" % filename)
+    try:
+        open(filename, "rb").close()
+    except OSError:
+        raise ConfigError(path, section, key, "not readable: %s" % filename) from None
+
+
+CHECKS = [_check_listeners, _check_tls, _check_auth]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+# ---------------------------------------------------------------------------------------------
+
+
+def render_config(config):
+    """The effective configuration as ini text, every default filled in; it loads back as is."""
+    lines = ["# The effective configuration read from %s" % config.path, "# (every default filled in)"]
+    for kind, section in SECTIONS.items():
+        value = getattr(config, section.field)
+        for one in value if section.named else [value]:
+            name, values = section.flatten(one)
+            lines += ["", "[%s]" % (kind if name is None else "%s:%s" % (kind, name))]
+            for key, spec in section.keys.items():
+                lines.append(("%s = %s" % (key, spec.kind.render(values[key]))).rstrip())
+    return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.logger import Logger, LogLevel
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from mailgate.envelope import Envelope
@@ -473,13 +473,6 @@ class WriteErrorTests(SpoolTestMixin, TestCase):
         self.flushLoggedErrors()
         for directory in STATE_DIRS:
             self.assertEqual(self.names(directory), [])
-
-    def test_read_only_directory(self):
-        if os.geteuid() == 0:
-            raise SkipTest("root ignores directory permissions")
-        os.chmod(os.path.join(self.path, "tmp"), 0o500)
-        self.addCleanup(os.chmod, os.path.join(self.path, "tmp"), 0o700)
-        self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
 
     def test_duplicate_write_keeps_other_file(self):
         """O_EXCL: a second writer of the same id fails and does not delete the first one's file."""

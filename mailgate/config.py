@@ -7,7 +7,7 @@ section and key.  Relative paths in a config file are relative to the directory 
 Parsing is driven by SECTIONS (one table of key -> Key(kind, default) per section).  To add a
 section: write its frozen attrs class, add a field for it to Config, add a KEYS table and one
 SECTIONS entry (named=True for [KIND:NAME] sections that may repeat; they become a tuple), and
-document every key in etc/mailgate.ini and docs/configuration.md (a test checks both).
+document every key in etc/mailgate.ini and the README's configuration reference (a test checks both).
 Checks spanning sections go in CHECKS.
 """
 
@@ -263,12 +263,14 @@ class NetworkList:
 
 @attr.s(frozen=True)
 class Path:
-    """An absolute path; relative ones are taken from the config file's directory.  Empty: None."""
+    """An absolute path; relative ones are taken from the config file's directory."""
+
+    optional = attr.ib(default=True)  # then an empty value means not set: None
 
     def parse(self, text, base):
-        if not text:
+        if not text and self.optional:
             return None
-        if "\n" in text or "\0" in text:
+        if not text or "\n" in text or "\0" in text:
             raise _expected("a path", text)
         return os.path.normpath(os.path.join(base, text))
 
@@ -286,7 +288,8 @@ class Endpoint:
     def parse(self, text, base):
         kind = text.split(":", 1)[0]
         if kind == "ssl":
-            raise ValueError("ssl endpoints are not used: write tcp:PORT and tls = implicit, got %r" % text)
+            message = "ssl endpoints are not used: write tcp:PORT and tls = implicit, got %r"
+            raise ValueError(message % text)
         if kind not in _ENDPOINT_TYPES or ":" not in text:
             what = "an endpoint like tcp:25 of type %s" % ", ".join(_ENDPOINT_TYPES)
             raise _expected(what, text)
@@ -381,7 +384,7 @@ LIMITS_KEYS = {
 
 QUEUE_KEYS = {
     "backend": Key(Choice(("spool",)), "spool"),
-    "path": Key(Path(), "/var/spool/mailgate"),
+    "path": Key(Path(optional=False), "/var/spool/mailgate"),
 }
 
 TLS_KEYS = {
@@ -398,14 +401,18 @@ AUTH_KEYS = {
 LISTENER_KEYS = {
     "endpoint": Key(Endpoint()),
     "role": Key(Choice(("submission", "relay"))),
-    "tls": Key(Choice(("none", "optional", "required", "implicit")), _by_role("required", "optional")),
+    "tls": Key(
+        Choice(("none", "optional", "required", "implicit")), _by_role("required", "optional")
+    ),
     "auth": Key(Choice(("none", "optional", "required")), _by_role("required", "optional")),
     "allowed_ips": Key(NetworkList(), ""),
     "relay_ips": Key(NetworkList(), ""),
     "max_message_size": Key(Size(), _inherit("gateway", "max_message_size")),
     "max_recipients": Key(Int(1), "100"),
 }
-LISTENER_KEYS.update({key: Key(spec.kind, _inherit("limits", key)) for key, spec in LIMITS_KEYS.items()})
+LISTENER_KEYS.update(
+    {key: Key(spec.kind, _inherit("limits", key)) for key, spec in LIMITS_KEYS.items()}
+)
 
 
 def _build_listener(name, values):
@@ -461,7 +468,8 @@ def load_config(path):
                 for name, instance in found[kind]
             )
         else:
-            built[section.field] = section.build(None, _values(path, base, parser, kind, section, built))
+            values = _values(path, base, parser, kind, section, built)
+            built[section.field] = section.build(None, values)
     config = Config(path=os.path.abspath(path), **built)
     for check in CHECKS:
         check(path, config)
@@ -475,7 +483,8 @@ def _read(path):
     except OSError as e:
         raise ConfigError(path, None, None, "cannot read: %s" % (e.strerror or e,))
     except UnicodeDecodeError as e:
-        message = "cannot read: not UTF-8 text (byte 0x%02x at offset %d)" % (e.object[e.start], e.start)
+        message = "cannot read: not UTF-8 text (byte 0x%02x at offset %d)"
+        message %= (e.object[e.start], e.start)
         raise ConfigError(path, None, None, message)
     except ValueError as e:
         raise ConfigError(path, None, None, "cannot read: %s" % (e,))
@@ -499,11 +508,12 @@ def _parse(path, text):
     except configparser.DuplicateOptionError as e:
         raise ConfigError(path, e.section, e.option, "duplicate key (line %s)" % (e.lineno,))
     except configparser.MissingSectionHeaderError as e:
-        raise ConfigError(path, None, None, "line %d: %r is not inside a [section]" % (e.lineno, e.line.strip()))
+        message = "line %d: %r is not inside a [section]" % (e.lineno, e.line.strip())
+        raise ConfigError(path, None, None, message)
     except configparser.ParsingError as e:
         lineno, line = e.errors[0]
-        line = _unrepr(line)
-        raise ConfigError(path, None, None, "line %d: expected 'key = value', got %r" % (lineno, line.strip()))
+        message = "line %d: expected 'key = value', got %r" % (lineno, _unrepr(line).strip())
+        raise ConfigError(path, None, None, message)
     except configparser.Error as e:
         raise ConfigError(path, None, None, str(e).splitlines()[0])
     return parser
@@ -624,7 +634,10 @@ CHECKS = [_check_listeners, _check_tls, _check_auth]
 
 def render_config(config):
     """The effective configuration as ini text, every default filled in; it loads back as is."""
-    lines = ["# The effective configuration read from %s" % config.path, "# (every default filled in)"]
+    lines = [
+        "# The effective configuration read from %s" % config.path,
+        "# (every default filled in)",
+    ]
     for kind, section in SECTIONS.items():
         value = getattr(config, section.field)
         for one in value if section.named else [value]:

@@ -1,0 +1,627 @@
+"""mailgate.config: the ini file to typed values, every mistake to one line naming the key."""
+
+import ipaddress
+import os
+import re
+
+import attr
+import pytest
+
+import mailgate.config as config_module
+from mailgate.config import (
+    SECTIONS,
+    AuthConfig,
+    Config,
+    GatewayConfig,
+    Limits,
+    ListenerConfig,
+    QueueConfig,
+    TLSConfig,
+    load_config,
+    render_config,
+)
+from mailgate.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A listener that needs neither certificate nor users file.
+PLAIN = """\
+[gateway]
+hostname = mx.example.com
+
+[listener:mx]
+endpoint = tcp:2525
+role = relay
+tls = none
+auth = none
+"""
+
+
+def write(tmp_path, text, name="mailgate.ini"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def load(tmp_path, text):
+    return load_config(write(tmp_path, text))
+
+
+def error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value).replace(path, "FILE")
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_config_classes(tmp_path):
+    """The schema's defaults and the attrs defaults other modules may construct with agree."""
+    config = load(tmp_path, PLAIN)
+    assert config.gateway == GatewayConfig(hostname="mx.example.com")
+    assert config.limits == Limits()
+    assert config.queue == QueueConfig(path="/var/spool/mailgate")
+    assert config.tls == TLSConfig()
+    assert config.auth == AuthConfig()
+    [listener] = config.listeners
+    assert listener == ListenerConfig(name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none")
+    assert config.path == os.path.join(str(tmp_path), "mailgate.ini")
+
+
+def test_types_of_values(tmp_path):
+    config = load(tmp_path, PLAIN)
+    assert isinstance(config.gateway.max_message_size, int)
+    assert isinstance(config.limits.command_timeout, float)
+    assert isinstance(config.listeners, tuple)
+    assert isinstance(config.gateway.accepted_domains, tuple)
+
+
+def test_hostname_defaults_to_the_fqdn(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "Box.Example.NET")
+    config = load(tmp_path, PLAIN.replace("hostname = mx.example.com\n", ""))
+    assert config.gateway.hostname == "box.example.net"
+
+
+def test_invalid_fqdn_needs_hostname(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "my_box")
+    message = error(tmp_path, PLAIN.replace("hostname = mx.example.com\n", ""))
+    assert message == (
+        "FILE: [gateway] hostname: not set, and this machine's name 'my_box' is not a valid hostname"
+    )
+
+
+def test_submission_defaults(tmp_path):
+    (tmp_path / "users").write_text("")
+    config = load(
+        tmp_path,
+        PLAIN
+        + "[listener:sub]\nendpoint = tcp:2587\nrole = submission\n"
+        + "[tls]\ncertificate = c.pem\nprivate_key = k.pem\ngenerate_self_signed = yes\n"
+        + "[auth]\nusers_file = users\n",
+    )
+    sub = config.listeners[1]
+    assert (sub.tls, sub.auth) == ("required", "required")
+
+
+def test_relay_defaults(tmp_path):
+    (tmp_path / "users").write_text("")
+    config = load(
+        tmp_path,
+        "[listener:r]\nendpoint = tcp:25\nrole = relay\n"
+        "[tls]\ncertificate = c.pem\nprivate_key = k.pem\ngenerate_self_signed = yes\n"
+        "[auth]\nusers_file = users\n",
+    )
+    assert (config.listeners[0].tls, config.listeners[0].auth) == ("optional", "optional")
+
+
+def test_listener_inherits_and_overrides(tmp_path):
+    config = load(
+        tmp_path,
+        PLAIN
+        + "max_errors = 2\ndata_timeout = 1h\n"
+        + "[listener:other]\nendpoint = tcp:2526\nrole = relay\ntls = none\nauth = none\n"
+        + "max_message_size = 1M\nmax_recipients = 5\n"
+        + "[limits]\nmax_errors = 7\ncommand_timeout = 1m\n",
+    )
+    mx, other = config.listeners
+    assert config.limits == Limits(max_errors=7, command_timeout=60.0)
+    assert mx.limits == Limits(max_errors=2, command_timeout=60.0, data_timeout=3600.0)
+    assert other.limits == config.limits
+    assert other.max_message_size == 1024 * 1024
+    assert other.max_recipients == 5
+    assert mx.max_message_size == config.gateway.max_message_size
+
+
+def test_listener_size_defaults_to_gateway(tmp_path):
+    config = load(tmp_path, PLAIN.replace("[listener", "max_message_size = 10M\n\n[listener"))
+    assert config.listeners[0].max_message_size == 10 * 1024 * 1024
+
+
+def test_listeners_keep_file_order(tmp_path):
+    text = "".join(
+        "[listener:%s]\nendpoint = tcp:%d\nrole = relay\ntls = none\nauth = none\n" % (name, port)
+        for name, port in [("zeta", 1), ("alpha", 2), ("m.i-d_1", 3)]
+    )
+    assert [l.name for l in load(tmp_path, text).listeners] == ["zeta", "alpha", "m.i-d_1"]
+
+
+# --- units and lists ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1048576", 1048576), ("512K", 524288), ("35M", 35 * 1024**2), ("1G", 1024**3), ("2m", 2 * 1024**2),
+     ("10 M", 10 * 1024**2)],
+)
+def test_sizes(tmp_path, text, value):
+    config = load(tmp_path, PLAIN.replace("[listener", "max_message_size = %s\n[listener" % text))
+    assert config.gateway.max_message_size == value
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("30", 30.0), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("2d", 172800.0), ("1.5s", 1.5), ("2H", 7200.0)],
+)
+def test_durations(tmp_path, text, value):
+    config = load(tmp_path, PLAIN + "[limits]\ncommand_timeout = %s\n" % text)
+    assert config.limits.command_timeout == value
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("yes", True), ("no", False), ("true", True), ("false", False), ("on", True), ("off", False),
+     ("1", True), ("0", False), ("YES", True)],
+)
+def test_booleans(tmp_path, text, value):
+    config = load(tmp_path, PLAIN + "[tls]\ngenerate_self_signed = %s\n" % text)
+    assert config.tls.generate_self_signed is value
+
+
+def test_accepted_domains(tmp_path):
+    text = PLAIN.replace("[listener", "accepted_domains = Example.COM ,example.org,, example.com\n[listener")
+    assert load(tmp_path, text).gateway.accepted_domains == ("example.com", "example.org")
+
+
+def test_lists_continue_on_indented_lines(tmp_path):
+    text = PLAIN.replace("[listener", "accepted_domains = example.com,\n    example.org\n[listener")
+    assert load(tmp_path, text).gateway.accepted_domains == ("example.com", "example.org")
+
+
+def test_cidr_lists(tmp_path):
+    config = load(tmp_path, PLAIN + "allowed_ips = 192.0.2.0/24, 2001:db8::/32\nrelay_ips = 127.0.0.1, ::1\n")
+    listener = config.listeners[0]
+    assert listener.allowed_ips == (
+        ipaddress.ip_network("192.0.2.0/24"),
+        ipaddress.ip_network("2001:db8::/32"),
+    )
+    assert listener.relay_ips == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+def test_choices_are_canonical(tmp_path):
+    config = load(tmp_path, PLAIN.replace("role = relay", "role = RELAY") + "[tls]\nmin_version = tlsv1.3\n")
+    assert config.listeners[0].role == "relay"
+    assert config.tls.min_version == "TLSv1.3"
+
+
+def test_inline_comments_and_case_insensitive_keys(tmp_path):
+    config = load(tmp_path, PLAIN.replace("[listener", "Max_Message_Size = 1M  # small\n[listener"))
+    assert config.gateway.max_message_size == 1024 * 1024
+
+
+def test_no_interpolation(tmp_path):
+    message = error(tmp_path, PLAIN.replace("mx.example.com", "%(name)s"))
+    assert message == "FILE: [gateway] hostname: expected a hostname like mail.example.com, got '%(name)s'"
+
+
+def test_hostname_is_lower_cased_and_trailing_dot_dropped(tmp_path):
+    assert load(tmp_path, PLAIN.replace("mx.example.com", "MX.Example.COM.")).gateway.hostname == "mx.example.com"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp:25", "tcp:587:interface=192.0.2.1", "tcp6:25:interface=\\:\\:1", "unix:/run/mailgate.sock",
+     "systemd:domain=INET:index=0", "systemd:domain=INET6:name=smtp"],
+)
+def test_endpoint_types(tmp_path, endpoint):
+    config = load(tmp_path, PLAIN.replace("tcp:2525", endpoint))
+    assert config.listeners[0].endpoint == endpoint
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "users").write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = PLAIN.replace("auth = none", "auth = optional") + (
+        "[auth]\nusers_file = users\n[queue]\npath = ../var/spool\n"
+        "[tls]\ncertificate = tls/c.pem\nprivate_key = /abs/k.pem\ngenerate_self_signed = yes\n"
+    )
+    config = load_config(os.path.relpath(write(etc, text), str(elsewhere)))
+    assert config.auth.users_file == str(etc / "users")
+    assert config.queue.path == str(tmp_path / "var" / "spool")
+    assert config.tls.certificate == str(etc / "tls" / "c.pem")
+    assert config.tls.private_key == "/abs/k.pem"
+    assert config.path == str(etc / "mailgate.ini")
+
+
+def test_error_names_the_file_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "[dns]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("mailgate.ini")
+    assert str(info.value) == "mailgate.ini: [dns]: unknown section"
+    assert info.value.file == "mailgate.ini"
+
+
+def test_tls_files_checked_when_not_generated(tmp_path):
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    text = PLAIN.replace("tls = none", "tls = required") + "[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
+    assert load(tmp_path, text).tls.certificate == str(tmp_path / "c.pem")
+    os.remove(str(tmp_path / "k.pem"))
+    assert error(tmp_path, text) == "FILE: [tls] private_key: file not found: %s" % (tmp_path / "k.pem")
+
+
+def _deny(target):
+    """open() that refuses target as an unprivileged user would be refused (CI runs as root)."""
+    real = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == str(target):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    return fake_open
+
+
+def test_unreadable_users_file(tmp_path, monkeypatch):
+    import mailgate.config
+
+    users = tmp_path / "users"
+    users.write_text("")
+    monkeypatch.setattr(mailgate.config, "open", _deny(users), raising=False)
+    text = PLAIN.replace("auth = none", "auth = optional") + "[auth]\nusers_file = users\n"
+    assert error(tmp_path, text) == "FILE: [auth] users_file: not readable: %s" % users
+
+
+# --- broken files: each one exact line -----------------------------------------------------------
+
+LISTENER = "[listener:mx]\nendpoint = tcp:2525\nrole = relay\ntls = none\nauth = none\n"
+
+BROKEN = [
+    ("[dns]\n" + LISTENER, "FILE: [dns]: unknown section"),
+    ("[Gateway]\n" + LISTENER, "FILE: [Gateway]: unknown section"),
+    ("[DEFAULT]\nhostname = x\n" + LISTENER, "FILE: [DEFAULT]: unknown section"),
+    ("[gateway:x]\n" + LISTENER, "FILE: [gateway:x]: unknown section"),
+    ("[gateway]\ncolour = blue\n" + LISTENER, "FILE: [gateway] colour: unknown key"),
+    (LISTENER + "colour = blue\n", "FILE: [listener:mx] colour: unknown key"),
+    (
+        "[gateway]\nmax_message_size = 35X\n" + LISTENER,
+        "FILE: [gateway] max_message_size: expected a size like 35M, got '35X'",
+    ),
+    (
+        "[gateway]\nmax_message_size = 35MB\n" + LISTENER,
+        "FILE: [gateway] max_message_size: expected a size like 35M, got '35MB'",
+    ),
+    (
+        "[gateway]\nmax_message_size = 0\n" + LISTENER,
+        "FILE: [gateway] max_message_size: expected a size of at least 1 bytes, got '0'",
+    ),
+    (
+        "[gateway]\nhostname = mail_gw.example.com\n" + LISTENER,
+        "FILE: [gateway] hostname: expected a hostname like mail.example.com, got 'mail_gw.example.com'",
+    ),
+    (
+        "[gateway]\nhostname = -mx.example.com\n" + LISTENER,
+        "FILE: [gateway] hostname: expected a hostname like mail.example.com, got '-mx.example.com'",
+    ),
+    (
+        "[gateway]\nhostname = %s.com\n" % ("a" * 64) + LISTENER,
+        "FILE: [gateway] hostname: expected a hostname like mail.example.com, got '%s.com'" % ("a" * 64),
+    ),
+    (
+        "[gateway]\naccepted_domains = example.com, exa mple.org\n" + LISTENER,
+        "FILE: [gateway] accepted_domains: expected a comma-separated list of domains like example.com,"
+        " got 'exa mple.org'",
+    ),
+    (
+        "[limits]\ncommand_timeout = 5 minutes\n" + LISTENER,
+        "FILE: [limits] command_timeout: expected a duration like 30s, 5m, 1h or 2d, got '5 minutes'",
+    ),
+    (
+        "[limits]\nsession_timeout = 0\n" + LISTENER,
+        "FILE: [limits] session_timeout: expected a duration greater than 0, got '0'",
+    ),
+    (
+        "[limits]\nmax_errors = 0\n" + LISTENER,
+        "FILE: [limits] max_errors: expected an integer >= 1, got '0'",
+    ),
+    (
+        "[limits]\nmax_auth_failures = three\n" + LISTENER,
+        "FILE: [limits] max_auth_failures: expected an integer, got 'three'",
+    ),
+    (
+        "[queue]\nbackend = redis\n" + LISTENER,
+        "FILE: [queue] backend: expected one of spool, got 'redis'",
+    ),
+    (
+        "[tls]\nmin_version = TLSv1.1\n" + LISTENER,
+        "FILE: [tls] min_version: expected one of TLSv1.2, TLSv1.3, got 'TLSv1.1'",
+    ),
+    ("[queue]\npath =\n" + LISTENER, "FILE: [queue] path: expected a path, got ''"),
+    (
+        "[tls]\ngenerate_self_signed = maybe\n" + LISTENER,
+        "FILE: [tls] generate_self_signed: expected yes or no, got 'maybe'",
+    ),
+    ("[gateway]\nhostname = mx.example.com\n", "FILE: no [listener:NAME] section: at least one is required"),
+    ("", "FILE: no [listener:NAME] section: at least one is required"),
+    (
+        "[listener:mx]\nrole = relay\n",
+        "FILE: [listener:mx] endpoint: required, but not set",
+    ),
+    (
+        "[listener:mx]\nendpoint = tcp:25\n",
+        "FILE: [listener:mx] role: required, but not set",
+    ),
+    (
+        "[listener:mx]\nendpoint = tcp:25\nrole = mx\n",
+        "FILE: [listener:mx] role: expected one of submission, relay, got 'mx'",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "ssl:465"),
+        "FILE: [listener:mx] endpoint: ssl endpoints are not used: write tcp:PORT and tls = implicit,"
+        " got 'ssl:465'",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "stdio:"),
+        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd,"
+        " got 'stdio:'",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "2525"),
+        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd,"
+        " got '2525'",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "tcp:smtp"),
+        "FILE: [listener:mx] endpoint: expected a valid tcp endpoint, got 'tcp:smtp'"
+        " (invalid literal for int() with base 10: 'smtp')",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "tcp:70000"),
+        "FILE: [listener:mx] endpoint: expected a port from 0 to 65535, got 'tcp:70000'",
+    ),
+    (
+        LISTENER.replace("tcp:2525", "systemd:domain=INET"),
+        "FILE: [listener:mx] endpoint: expected a valid systemd endpoint, got 'systemd:domain=INET'"
+        " (Specify exactly one of descriptor index or name)",
+    ),
+    (
+        LISTENER.replace("tls = none", "tls = never"),
+        "FILE: [listener:mx] tls: expected one of none, optional, required, implicit, got 'never'",
+    ),
+    (
+        LISTENER.replace("auth = none", "auth = required"),
+        "FILE: [listener:mx] auth: auth = required needs tls",
+    ),
+    (
+        LISTENER + "allowed_ips = 10.0.0.1/8\n",
+        "FILE: [listener:mx] allowed_ips: expected an address or network like 192.0.2.0/24 or"
+        " 2001:db8::/32, got '10.0.0.1/8' (host bits set: did you mean 10.0.0.0/8?)",
+    ),
+    (
+        LISTENER + "relay_ips = 127.0.0.1, localhost\n",
+        "FILE: [listener:mx] relay_ips: expected an address or network like 192.0.2.0/24 or"
+        " 2001:db8::/32, got 'localhost'",
+    ),
+    (
+        LISTENER + "max_recipients = 0\n",
+        "FILE: [listener:mx] max_recipients: expected an integer >= 1, got '0'",
+    ),
+    (
+        LISTENER + "data_timeout = soon\n",
+        "FILE: [listener:mx] data_timeout: expected a duration like 30s, 5m, 1h or 2d, got 'soon'",
+    ),
+    (
+        LISTENER + LISTENER.replace("mx]", "mx2]"),
+        "FILE: [listener:mx2] endpoint: same endpoint as [listener:mx]",
+    ),
+    (
+        LISTENER.replace("mx]", "my mx]"),
+        "FILE: [listener:my mx]: expected [listener:NAME], NAME made of letters, digits, '_', '.' and '-'",
+    ),
+    (
+        LISTENER.replace("mx]", "]"),
+        "FILE: [listener:]: expected [listener:NAME], NAME made of letters, digits, '_', '.' and '-'",
+    ),
+    (
+        LISTENER.replace(":mx]", "]"),
+        "FILE: [listener]: expected [listener:NAME], NAME made of letters, digits, '_', '.' and '-'",
+    ),
+    (
+        "[gateway]\n[gateway]\n" + LISTENER,
+        "FILE: [gateway]: duplicate section (line 2)",
+    ),
+    (
+        "[gateway]\nhostname = a.example\nhostname = b.example\n" + LISTENER,
+        "FILE: [gateway] hostname: duplicate key (line 3)",
+    ),
+    (
+        "[gateway]\nhostname = a.example\nHostName = b.example\n" + LISTENER,
+        "FILE: [gateway] hostname: duplicate key (line 3)",
+    ),
+    (
+        "hostname = mx.example.com\n" + LISTENER,
+        "FILE: line 1: 'hostname = mx.example.com' is not inside a [section]",
+    ),
+    (
+        "[gateway]\nhostname\n" + LISTENER,
+        "FILE: line 2: expected 'key = value', got 'hostname'",
+    ),
+    (
+        "[gateway\n" + LISTENER,
+        "FILE: line 1: '[gateway' is not inside a [section]",
+    ),
+    (
+        LISTENER.replace("tls = none", "tls = required"),
+        "FILE: [tls] certificate: required, because [listener:mx] has tls = required",
+    ),
+    (
+        LISTENER.replace("tls = none", "tls = optional") + "[tls]\ncertificate = /nonexistent/c.pem\n",
+        "FILE: [tls] private_key: required, because [listener:mx] has tls = optional",
+    ),
+    (
+        LISTENER.replace("tls = none", "tls = implicit")
+        + "[tls]\ncertificate = /nonexistent/c.pem\nprivate_key = /nonexistent/k.pem\n",
+        "FILE: [tls] certificate: file not found: /nonexistent/c.pem",
+    ),
+    (
+        LISTENER.replace("auth = none", "auth = optional"),
+        "FILE: [auth] users_file: required, because [listener:mx] has auth = optional",
+    ),
+    (
+        LISTENER + "[auth]\nusers_file = /nonexistent/users\n",
+        "FILE: [auth] users_file: file not found: /nonexistent/users",
+    ),
+    (
+        LISTENER + "[auth]\nusers_file = /\n",
+        "FILE: [auth] users_file: not a file: /",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, expected", BROKEN)
+def test_broken(tmp_path, text, expected):
+    assert error(tmp_path, text) == expected
+
+
+def test_errors_are_one_line(tmp_path):
+    message = error(tmp_path, "[gateway]\nhostname = a\n  b\n" + LISTENER)
+    assert message == "FILE: [gateway] hostname: expected a hostname like mail.example.com, got 'a\\nb'"
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.ini")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "%s: cannot read: No such file or directory" % path
+    assert (info.value.section, info.value.key) == (None, None)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value) == "%s: cannot read: Is a directory" % tmp_path
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.ini"
+    path.write_bytes(b"[gateway]\nhostname = caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == "%s: cannot read: not UTF-8 text (byte 0xe9 at offset 24)" % path
+
+
+def test_utf8_bom_is_fine(tmp_path):
+    path = tmp_path / "bom.ini"
+    path.write_bytes(b"\xef\xbb\xbf" + PLAIN.encode())
+    assert load_config(str(path)).gateway.hostname == "mx.example.com"
+
+
+def test_huge_file(tmp_path):
+    path = tmp_path / "huge.ini"
+    path.write_bytes(b"#" * (1024 * 1024 + 10))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == "%s: cannot read: larger than 1M, not a config file" % path
+
+
+def test_null_byte_in_name():
+    with pytest.raises(ConfigError) as info:
+        load_config("a\0b")
+    assert str(info.value) == "a\0b: cannot read: embedded null byte"
+
+
+def test_unreadable(tmp_path, monkeypatch):
+    import mailgate.config
+
+    path = write(tmp_path, PLAIN)
+    monkeypatch.setattr(mailgate.config, "open", _deny(path), raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "%s: cannot read: Permission denied" % path
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def test_render_fills_every_default(tmp_path):
+    text = render_config(load(tmp_path, PLAIN))
+    for kind, section in SECTIONS.items():
+        for key in section.keys:
+            assert re.search(r"^%s =" % key, text, re.M), key
+    assert "\n[listener:mx]\n" in text
+    assert "\nmax_message_size = 35M\n" in text
+    assert "\ncommand_timeout = 5m\n" in text
+    assert "\npath = /var/spool/mailgate\n" in text
+    assert "\ncertificate =\n" in text
+
+
+def test_render_loads_back_the_same(tmp_path):
+    (tmp_path / "users").write_text("")
+    original = load(
+        tmp_path,
+        PLAIN.replace("[listener", "accepted_domains = example.com, example.org\n[listener")
+        + "allowed_ips = 192.0.2.0/24, 2001:db8::/32\nrelay_ips = 127.0.0.1\nsession_timeout = 1.5s\n"
+        + "max_message_size = 1000\n"
+        + "[listener:sub]\nendpoint = tcp:2587\nrole = submission\ntls = implicit\n"
+        + "[tls]\ncertificate = c.pem\nprivate_key = k.pem\ngenerate_self_signed = on\n"
+        + "[auth]\nusers_file = users\n[limits]\ndata_timeout = 2d\n",
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    again = load_config(write(other, render_config(original)))
+    assert attr.evolve(again, path=original.path) == original
+
+
+# --- the shipped example -----------------------------------------------------------------------
+
+
+def test_example_loads():
+    config = load_config(os.path.join(REPO, "etc", "mailgate.ini"))
+    assert config.gateway.hostname == "mailgate.localdomain"
+    assert config.gateway.accepted_domains == ("example.com",)
+    assert [(l.name, l.role, l.tls, l.auth) for l in config.listeners] == [
+        ("relay", "relay", "optional", "optional"),
+        ("submission", "submission", "required", "required"),
+    ]
+    assert config.queue.path == os.path.join(REPO, "var", "spool")
+    assert config.tls.certificate == os.path.join(REPO, "var", "tls", "cert.pem")
+    assert config.tls.generate_self_signed is True
+    assert config.auth.users_file == os.path.join(REPO, "etc", "users")
+
+
+def test_example_and_reference_mention_every_key():
+    """A key added to the schema must be documented in both places."""
+    with open(os.path.join(REPO, "etc", "mailgate.ini"), encoding="utf-8") as f:
+        example = f.read()
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        reference = f.read()
+    for kind, section in SECTIONS.items():
+        assert "[%s" % kind in example and "`[%s" % kind in reference, kind
+        for key in section.keys:
+            assert re.search(r"^#?%s =" % key, example, re.M), (kind, key)
+            assert "`%s`" % key in reference, (kind, key)
+
+
+def test_config_has_a_field_per_section():
+    assert {section.field for section in SECTIONS.values()} == {
+        field.name for field in attr.fields(Config) if field.name != "path"
+    }

@@ -92,7 +92,7 @@ class GatewayService(service.MultiService):
         service.MultiService.startService(self)
 
     def _recovered(self, removed, gate):
-        log.info("queue ready ({removed} leftover entries cleaned)", removed=removed)
+        log.info("queue ready")
         gate.open()
 
     def _recovery_failed(self, failure, gate):
@@ -147,7 +147,10 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
         factory = SMTPFactory(listener, config.gateway, reactor, queue, new_queue_id,
                               auth=auth, tls=tls_options, hooks=hooks)
         factories.append(factory)
-        wrapped = TLSMemoryBIOFactory(tls_options, False, factory) if listener.tls == "implicit" else factory
+        wrapped = factory
+        if listener.tls == "implicit":
+            wrapped = TLSMemoryBIOFactory(tls_options, False, factory)
+            wrapped.noisy = False
         endpoint = endpoints.serverFromString(reactor, listener.endpoint)
         listeners.append(ListenerService(config, listener, endpoint, wrapped))
     gateway = GatewayService(config, queue, factories)

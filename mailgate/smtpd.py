@@ -629,6 +629,7 @@ class SMTPFactory(protocol.ServerFactory):
     """
 
     protocol = SMTPServer
+    noisy = False  # mailgate logs its own listener events
 
     def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None):
         self.listener = listener

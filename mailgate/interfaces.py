@@ -34,7 +34,32 @@ class IQueue(Interface):
         """Durably move one entry to another state."""
 
     def remove(queue_id):
-        """Durably remove one entry (delivered, bounced or deleted)."""
+        """
+        Durably remove one entry (delivered, bounced or deleted), and then its delivery state: in
+        that order, so that a crash can leave a state without a message but never the reverse.
+        """
+
+    def save_state(queue_id, data):
+        """
+        Durably replace the delivery state (opaque bytes owned by the scheduler: which recipients
+        are done, when to retry) of an existing entry, so that a restart never repeats a delivery
+        already recorded.  Fires once the new bytes survive a crash; a crash before that leaves the
+        old bytes or the new ones, never a mix.  KeyError when the entry does not exist.
+        """
+
+    def load_state(queue_id):
+        """
+        Fires with the bytes last saved by save_state for queue_id, or None when none were (a new
+        entry): what a scheduler resumes from after a restart.
+        """
+
+    def subscribe(callback):
+        """
+        Call callback(queue_id, state) on the reactor thread each time enqueue() or move() has
+        durably committed an entry into state, so that a scheduler hears of new work at once
+        instead of polling list().  Errors raised by callback are logged and never reach the caller
+        of enqueue() or move().  Returns a function that unsubscribes.
+        """
 
 
 class IAuthBackend(Interface):

@@ -19,7 +19,11 @@ from mailgate.smtpd import SMTPFactory
 
 @implementer(IQueue)
 class MemoryQueue:
-    """Keeps messages in a dict.  fail=True makes enqueue errback; hold=True keeps it pending."""
+    """
+    Keeps messages in a dict.  fail=True makes enqueue errback; hold=True keeps it pending.
+    Delivery state and subscribers work like the Spool's: save_state needs the message,
+    subscribers hear of an enqueue or a real move once it is done, their errors are logged.
+    """
 
     def __init__(self):
         self.messages = {}
@@ -27,6 +31,10 @@ class MemoryQueue:
         self.fail = False
         self.hold = False
         self.pending = []
+        self.where = {}  # queue_id -> "active", "deferred", ...
+        self.saved_states = {}  # queue_id -> bytes given to save_state
+        self.subscribers = []
+        self._pending_states = {}
 
     def recover(self):
         return defer.succeed(0)
@@ -38,29 +46,68 @@ class MemoryQueue:
         if self.hold:
             d = defer.Deferred()
             self.pending.append((d, envelope, data))
+            self._pending_states[envelope.queue_id] = state
             return d
-        self.messages[envelope.queue_id] = (envelope, data)
+        self._store(envelope, data, state)
         return defer.succeed(envelope.queue_id)
+
+    def _store(self, envelope, data, state):
+        self.messages[envelope.queue_id] = (envelope, data)
+        self.where[envelope.queue_id] = state
+        self._notify(envelope.queue_id, state)
 
     def release(self):
         for d, envelope, data in self.pending:
-            self.messages[envelope.queue_id] = (envelope, data)
+            self._store(envelope, data, self._pending_states.pop(envelope.queue_id, "active"))
             d.callback(envelope.queue_id)
         self.pending = []
 
     def load(self, queue_id):
         envelope, data = self.messages[queue_id]
-        return defer.succeed(("active", envelope, data))
+        return defer.succeed((self.where.get(queue_id, "active"), envelope, data))
 
     def list(self, state=None):
-        return defer.succeed([("active", e) for e, _ in self.messages.values()])
+        entries = [(self.where.get(e.queue_id, "active"), e) for e, _ in self.messages.values()]
+        return defer.succeed([(s, e) for s, e in entries if state is None or s == state])
 
     def move(self, queue_id, state):
+        if queue_id in self.messages and self.where.get(queue_id) != state:
+            self.where[queue_id] = state
+            self._notify(queue_id, state)
         return defer.succeed(None)
 
     def remove(self, queue_id):
         self.messages.pop(queue_id, None)
+        self.where.pop(queue_id, None)
+        self.saved_states.pop(queue_id, None)
         return defer.succeed(None)
+
+    def save_state(self, queue_id, data):
+        if queue_id not in self.messages:
+            return defer.fail(KeyError(queue_id))
+        self.saved_states[queue_id] = bytes(data)
+        return defer.succeed(None)
+
+    def load_state(self, queue_id):
+        return defer.succeed(self.saved_states.get(queue_id))
+
+    def subscribe(self, callback):
+        self.subscribers.append(callback)
+
+        def unsubscribe():
+            if callback in self.subscribers:
+                self.subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, queue_id, state):
+        for callback in list(self.subscribers):
+            try:
+                callback(queue_id, state)
+            except Exception:
+                from twisted.logger import Logger  # here: only this class of the module is ours
+
+                Logger().failure("Queue subscriber failed for {queue_id}", queue_id=queue_id)
 
 
 @attr.s(frozen=True)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import threading
 import zlib
 
 import attr
@@ -126,7 +127,7 @@ class SpoolTests(SpoolTestMixin, TestCase):
         self.assertTrue(verifyObject(IQueue, self.spool))
 
     def test_recover_creates_layout(self):
-        for name in ("tmp", "corrupt") + STATE_DIRS:
+        for name in ("tmp", "corrupt", "state") + STATE_DIRS:
             self.assertTrue(os.path.isdir(os.path.join(self.path, name)), name)
 
     def test_recover_creates_missing_parents(self):
@@ -236,9 +237,10 @@ class SpoolTests(SpoolTestMixin, TestCase):
 class DurabilityOrderTests(SpoolTestMixin, TestCase):
     """The Deferred of enqueue fires only after data fdatasync, rename and directory fsync."""
 
-    def record_syscalls(self):
+    def record_syscalls(self, unlink=False):
         calls, paths = [], {}
-        real = {name: getattr(os, name) for name in ("open", "fdatasync", "fsync", "rename", "close")}
+        names = ("open", "fdatasync", "fsync", "rename", "close", "unlink")
+        real = {name: getattr(os, name) for name in names}
 
         def fake_open(path, flags, *args, **kwargs):
             fd = real["open"](path, flags, *args, **kwargs)
@@ -264,7 +266,13 @@ class DurabilityOrderTests(SpoolTestMixin, TestCase):
         self.patch(spool_module.os, "close", fake_close)
         self.patch(spool_module.os, "fdatasync", fake_sync("fdatasync"))
         self.patch(spool_module.os, "fsync", fake_sync("fsync"))
+        def fake_unlink(path):
+            calls.append(("unlink", os.path.relpath(path, self.path)))
+            real["unlink"](path)
+
         self.patch(spool_module.os, "rename", fake_rename)
+        if unlink:
+            self.patch(spool_module.os, "unlink", fake_unlink)
         return calls
 
     def test_enqueue_order(self):
@@ -305,6 +313,76 @@ class DurabilityOrderTests(SpoolTestMixin, TestCase):
         self.successResultOf(d)
         self.assertEqual(calls, [("fsync", "hold"), ("fired",)])
 
+    def test_save_state_order(self):
+        """fdatasync of the tmp file, rename over state/<id>, fsync of state/, only then the Deferred."""
+        _, queue_id = self.enqueue()
+        for data in (b'{"attempts": 1}', b'{"attempts": 2}'):  # the first creates, the second replaces
+            calls = self.record_syscalls()
+            d = self.spool.save_state(queue_id, data)
+            d.addCallback(lambda _: calls.append(("fired",)))
+            self.assertIsNone(self.successResultOf(d))
+            self.assertEqual(len(calls), 4, calls)
+            self.assertEqual(calls[0][0], "fdatasync")
+            self.assertRegex(calls[0][1], r"\Atmp/%s\.state-[0-9a-f]{12}\Z" % queue_id)
+            self.assertEqual(
+                calls[1:], [("rename", calls[0][1], "state/" + queue_id), ("fsync", "state"), ("fired",)]
+            )
+            self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), data)
+
+    def test_remove_makes_message_gone_durable_before_unlinking_state(self):
+        """A crash in between must leave a state without a message (recover deletes it), never the reverse."""
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b"{}"))
+        jobs = self.spool.commit_jobs
+        calls = self.record_syscalls(unlink=True)
+        d = self.spool.remove(queue_id)
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(
+            calls,
+            [
+                ("unlink", "active/" + queue_id),
+                ("fsync", "active"),
+                ("unlink", "state/" + queue_id),
+                ("fsync", "state"),
+                ("fired",),
+            ],
+        )
+        self.assertEqual(self.spool.commit_jobs, jobs + 2)
+
+    def test_subscriber_hears_after_directory_fsync(self):
+        calls = self.record_syscalls()
+        self.spool.subscribe(lambda queue_id, state: calls.append(("notified", queue_id, state)))
+        envelope = make_envelope()
+        queue_id = envelope.queue_id
+        d = self.spool.enqueue(envelope, BODY)
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.successResultOf(d)
+        self.assertEqual(
+            calls,
+            [
+                ("fdatasync", "tmp/" + queue_id),
+                ("rename", "tmp/" + queue_id, "active/" + queue_id),
+                ("fsync", "active"),
+                ("notified", queue_id, "active"),
+                ("fired",),
+            ],
+        )
+        del calls[:]
+        d = self.spool.move(queue_id, "deferred")
+        d.addCallback(lambda _: calls.append(("fired",)))
+        self.successResultOf(d)
+        self.assertEqual(
+            calls,
+            [
+                ("rename", "active/" + queue_id, "deferred/" + queue_id),
+                ("fsync", "deferred"),
+                ("fsync", "active"),
+                ("notified", queue_id, "deferred"),
+                ("fired",),
+            ],
+        )
+
     def test_not_fired_until_commit_job_ran(self):
         runner = QueuedRunner()
         self.spool = self.make_spool(runner)
@@ -315,6 +393,333 @@ class DurabilityOrderTests(SpoolTestMixin, TestCase):
         self.assertEqual(len(runner.jobs), 1)  # the commit job waits in the pool
         runner.run_one()
         self.successResultOf(d)
+
+
+class StateTests(SpoolTestMixin, TestCase):
+    """save_state / load_state: the scheduler's per-message delivery state, in state/<id>."""
+
+    def state_path(self, queue_id):
+        return os.path.join(self.path, "state", queue_id)
+
+    def test_none_until_saved(self):
+        _, queue_id = self.enqueue()
+        self.assertIsNone(self.successResultOf(self.spool.load_state(queue_id)))
+        self.assertIsNone(self.successResultOf(self.spool.load_state(new_queue_id())))
+
+    def test_replace(self):
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b'{"attempts": 1, "done": []}'))
+        self.successResultOf(self.spool.save_state(queue_id, b'{"attempts": 2}'))
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b'{"attempts": 2}')
+        with open(self.state_path(queue_id), "rb") as f:
+            self.assertEqual(f.read(), b'{"attempts": 2}')  # plain bytes: readable with cat and jq
+        self.assertEqual(os.stat(self.state_path(queue_id)).st_mode & 0o777, 0o600)
+        self.assertEqual(self.names("state"), [queue_id])
+        self.assertEqual(self.names("tmp"), [])
+        self.assertEqual(self.names("active"), [queue_id])  # nothing next to the message
+
+    def test_empty_large_and_mutable_data(self):
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b""))
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"")  # not None
+        big = os.urandom(200_000)
+        self.successResultOf(self.spool.save_state(queue_id, memoryview(big)))
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), big)
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        data = bytearray(b"before")
+        d = spool.save_state(queue_id, data)
+        data[:] = b"changed"  # while the write waits for the pool
+        runner.run_all()
+        self.successResultOf(d)
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"before")
+
+    def test_bad_arguments(self):
+        _, queue_id = self.enqueue()
+        self.assertRaises(TypeError, self.spool.save_state, queue_id, '{"text": "not bytes"}')
+        for bad in ("../active/x", "x.state", ""):
+            self.assertRaises(ValueError, self.spool.save_state, bad, b"{}")
+            self.assertRaises(ValueError, self.spool.load_state, bad)
+
+    def test_save_needs_the_message(self):
+        """No state without a message: it would be an orphan (and what would it be about?)."""
+        self.failureResultOf(self.spool.save_state(new_queue_id(), b"{}"), KeyError)
+        self.assertEqual(self.names("state"), [])
+        self.assertEqual(self.names("tmp"), [])
+
+    def test_state_follows_the_message_through_moves(self):
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b"kept"))
+        for state in ("deferred", "hold", "quarantine", "active"):
+            self.successResultOf(self.spool.move(queue_id, state))
+            self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"kept")
+            self.successResultOf(self.spool.save_state(queue_id, b"kept"))  # saved in any state
+        self.assertEqual(self.names("state"), [queue_id])
+
+    def test_remove_deletes_state(self):
+        _, queue_id = self.enqueue(state="deferred")
+        self.successResultOf(self.spool.save_state(queue_id, b"{}"))
+        self.successResultOf(self.spool.remove(queue_id))
+        self.assertEqual(self.names("deferred"), [])
+        self.assertEqual(self.names("state"), [])
+        self.assertIsNone(self.successResultOf(self.spool.load_state(queue_id)))
+
+    def test_remove_without_state_is_one_commit(self):
+        _, queue_id = self.enqueue()
+        jobs = self.spool.commit_jobs
+        self.successResultOf(self.spool.remove(queue_id))
+        self.assertEqual(self.spool.commit_jobs, jobs + 1)
+
+    def test_state_removal_failure_is_logged_not_returned(self):
+        """The message is durably gone, which is what the caller asked; recover() deletes the rest."""
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b"{}"))
+        events = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+
+        def broken(root, queue_id):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(spool_module, "_op_remove_state", broken)
+        self.assertIsNone(self.successResultOf(self.spool.remove(queue_id)))
+        self.assertEqual(self.names("active"), [])
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertEqual(event["queue_id"], queue_id)
+        self.assertTrue(event["log_failure"].check(OSError))
+        self.assertEqual(self.successResultOf(self.make_spool().recover()), 1)
+        self.assertEqual(self.names("state"), [])
+
+    def test_list_and_load_never_see_state_files(self):
+        entries = [self.enqueue(state=s)[0] for s in ("active", "hold")]
+        for envelope in entries:
+            self.successResultOf(self.spool.save_state(envelope.queue_id, b"MGQ1 garbage"))
+        listed = self.successResultOf(self.spool.list())
+        self.assertEqual(listed, [("active", entries[0]), ("hold", entries[1])])
+        self.assertEqual(self.successResultOf(self.spool.list("active")), [("active", entries[0])])
+        self.assertEqual(self.successResultOf(self.spool.load(entries[0].queue_id))[2], BODY)
+        self.assertEqual(self.successResultOf(self.make_spool().recover()), 0)
+        self.assertEqual(self.names("corrupt"), [])
+        self.assertEqual(self.names("state"), sorted(e.queue_id for e in entries))
+        self.assertRaises(ValueError, self.spool.list, "state")
+        self.assertRaises(ValueError, self.spool.move, entries[0].queue_id, "state")
+
+    def test_readers_see_old_bytes_until_the_rename(self):
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(queue_id, b"old"))
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        d = spool.save_state(queue_id, b"new")
+        runner.run_one()  # the write: the new bytes are complete in tmp/, state/ is unchanged
+        self.assertNoResult(d)
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"old")
+        runner.run_one()  # the commit
+        self.successResultOf(d)
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"new")
+        self.assertEqual(self.names("tmp"), [])
+
+    def test_saves_of_one_message_land_in_call_order(self):
+        """A later save must win even if the pool would have finished its write first."""
+        _, queue_id = self.enqueue()
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        ds = [spool.save_state(queue_id, b"%d" % i) for i in range(3)]
+        self.assertEqual(len(runner.jobs), 1)  # the second waits for the first to be committed
+        runner.run_all()
+        self.assertEqual(self.successResultOf(defer.gatherResults(ds)), [None] * 3)
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"2")
+        self.assertEqual(spool._state_locks, {})  # nothing kept for messages not being saved
+
+    def test_failed_save_does_not_block_the_next(self):
+        _, queue_id = self.enqueue()
+        real = os.fdatasync
+        failures = [OSError(errno.EIO, "I/O error")]
+
+        def flaky(fd):
+            if failures:
+                raise failures.pop()
+            real(fd)
+
+        self.patch(spool_module.os, "fdatasync", flaky)
+        self.failureResultOf(self.spool.save_state(queue_id, b"lost"), OSError)
+        self.successResultOf(self.spool.save_state(queue_id, b"kept"))
+        self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), b"kept")
+        self.assertEqual(self.names("tmp"), [])
+
+    def test_concurrent_saves_share_directory_fsyncs(self):
+        queue_ids = [self.enqueue()[1] for _ in range(30)]
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        fsyncs = []
+        real = os.fsync
+        self.patch(spool_module.os, "fsync", lambda fd: fsyncs.append(fd) or real(fd))
+        ds = [spool.save_state(q, q.encode()) for q in queue_ids]
+        runner.run_all()
+        self.successResultOf(defer.gatherResults(ds))
+        self.assertLessEqual(spool.commit_jobs, 2)
+        self.assertLessEqual(len(fsyncs), 2)
+        for queue_id in queue_ids:
+            self.assertEqual(self.successResultOf(self.spool.load_state(queue_id)), queue_id.encode())
+
+    def test_save_racing_remove_leaves_no_orphan(self):
+        """The rename of a save committed after remove() finds no message and fails."""
+        _, queue_id = self.enqueue()
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        saved = spool.save_state(queue_id, b"{}")  # its write waits in the pool
+        removed = spool.remove(queue_id)  # its commit too
+        runner.run_one(1)  # the removal is committed first
+        runner.run_all()
+        self.assertIsNone(self.successResultOf(removed))
+        self.failureResultOf(saved, KeyError)
+        self.assertEqual(self.names("state"), [])
+        self.assertEqual(self.names("tmp"), [])
+
+
+class SubscribeTests(SpoolTestMixin, TestCase):
+    def setUp(self):
+        SpoolTestMixin.setUp(self)
+        self.heard = []
+        self.unsubscribe = self.spool.subscribe(lambda queue_id, state: self.heard.append((queue_id, state)))
+
+    def test_enqueue_notifies_after_commit(self):
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        seen_on_disk = []
+        spool.subscribe(
+            lambda queue_id, state: seen_on_disk.append(os.path.exists(self.entry_path(queue_id, state)))
+        )
+        spool.subscribe(lambda queue_id, state: self.heard.append((queue_id, state)))
+        envelope = make_envelope()
+        d = spool.enqueue(envelope, BODY, "hold")
+        runner.run_one()  # the write
+        self.assertEqual(self.heard, [])
+        self.assertNoResult(d)
+        runner.run_one()  # the commit: rename and fsync
+        self.assertEqual(self.heard, [(envelope.queue_id, "hold")])
+        self.assertEqual(seen_on_disk, [True])
+        self.assertEqual(self.successResultOf(d), envelope.queue_id)
+
+    def test_move_notifies_after_commit(self):
+        _, queue_id = self.enqueue()
+        del self.heard[:]
+        runner = QueuedRunner()
+        spool = self.make_spool(runner)
+        spool.subscribe(lambda queue_id, state: self.heard.append((queue_id, state)))
+        d = spool.move(queue_id, "deferred")
+        self.assertEqual(self.heard, [])
+        runner.run_one()
+        self.assertEqual(self.heard, [(queue_id, "deferred")])
+        self.successResultOf(d)
+
+    def test_only_real_changes_are_announced(self):
+        _, queue_id = self.enqueue()
+        self.successResultOf(self.spool.move(queue_id, "active"))  # there already
+        self.failureResultOf(self.spool.move(new_queue_id(), "active"), KeyError)
+        self.successResultOf(self.spool.save_state(queue_id, b"{}"))
+        self.successResultOf(self.spool.remove(queue_id))
+        self.assertEqual(self.heard, [(queue_id, "active")])
+
+    def test_failed_commit_is_not_announced(self):
+        def broken(fd):
+            raise OSError(errno.EIO, "I/O error")
+
+        self.patch(spool_module.os, "fsync", broken)
+        self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)
+        self.flushLoggedErrors()
+        self.assertEqual(self.heard, [])
+
+    def test_raising_subscriber_is_logged_and_harmless(self):
+        events = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+
+        def bad(queue_id, state):
+            raise ZeroDivisionError("subscriber bug")
+
+        self.unsubscribe()
+        self.spool.subscribe(bad)
+        self.spool.subscribe(lambda queue_id, state: self.heard.append((queue_id, state)))
+        envelope, queue_id = self.enqueue()
+        self.assertEqual(queue_id, envelope.queue_id)
+        self.assertIsNone(self.successResultOf(self.spool.move(queue_id, "hold")))
+        self.assertEqual(self.heard, [(queue_id, "active"), (queue_id, "hold")])
+        failures = [e for e in events if "log_failure" in e]
+        self.assertEqual(
+            [(e["queue_id"], e["state"]) for e in failures], [(queue_id, "active"), (queue_id, "hold")]
+        )
+        for event in failures:
+            self.assertTrue(event["log_failure"].check(ZeroDivisionError))
+            self.assertIs(event["subscriber"], bad)
+        self.assertEqual(self.flushLoggedErrors(), [])  # nothing escaped into a Deferred
+
+    def test_failing_deferred_of_a_subscriber_is_logged(self):
+        events = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+        self.spool.subscribe(lambda queue_id, state: defer.fail(ValueError("later")))
+        envelope, _ = self.enqueue()
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertTrue(event["log_failure"].check(ValueError))
+        self.assertEqual(event["queue_id"], envelope.queue_id)
+
+    def test_unsubscribe(self):
+        self.unsubscribe()
+        self.unsubscribe()  # harmless twice
+        self.enqueue()
+        self.assertEqual(self.heard, [])
+
+    def test_subscriber_may_use_the_queue(self):
+        """What a scheduler does: hear of a message, load it, record state, deliver, remove it."""
+        done = []
+
+        @defer.inlineCallbacks
+        def deliver(queue_id, state):
+            yield self.spool.load(queue_id)
+            yield self.spool.save_state(queue_id, b'{"delivered": true}')
+            yield self.spool.remove(queue_id)
+            done.append(queue_id)
+
+        self.spool.subscribe(deliver)
+        _, queue_id = self.enqueue()
+        self.assertEqual(done, [queue_id])
+        self.assertEqual(self.successResultOf(self.spool.list()), [])
+        self.assertEqual(self.names("state"), [])
+
+
+class MemoryQueueTests(TestCase):
+    """The protocol tests' in-memory double follows the same contract."""
+
+    def test_contract(self):
+        from tests.smtphelp import MemoryQueue
+
+        queue = MemoryQueue()
+        self.assertTrue(verifyObject(IQueue, queue))
+        heard = []
+
+        def bad(queue_id, state):
+            raise ZeroDivisionError()
+
+        unsubscribe_bad = queue.subscribe(bad)
+        unsubscribe = queue.subscribe(lambda queue_id, state: heard.append((queue_id, state)))
+        envelope = make_envelope()
+        self.assertEqual(self.successResultOf(queue.enqueue(envelope, BODY)), envelope.queue_id)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertIsNone(self.successResultOf(queue.load_state(envelope.queue_id)))
+        self.failureResultOf(queue.save_state(new_queue_id(), b"{}"), KeyError)
+        self.successResultOf(queue.save_state(envelope.queue_id, b"{}"))
+        self.assertEqual(self.successResultOf(queue.load_state(envelope.queue_id)), b"{}")
+        self.successResultOf(queue.move(envelope.queue_id, "deferred"))
+        self.assertEqual(self.successResultOf(queue.list("deferred")), [("deferred", envelope)])
+        self.assertEqual(heard, [(envelope.queue_id, "active"), (envelope.queue_id, "deferred")])
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.successResultOf(queue.remove(envelope.queue_id))
+        self.assertIsNone(self.successResultOf(queue.load_state(envelope.queue_id)))
+        unsubscribe()
+        unsubscribe_bad()
+        queue.hold = True
+        d = queue.enqueue(make_envelope(), BODY, "hold")
+        self.assertEqual(len(heard), 2)
+        queue.release()
+        self.successResultOf(d)
+        self.assertEqual(len(heard), 2)
 
 
 class GroupCommitTests(SpoolTestMixin, TestCase):
@@ -397,6 +802,39 @@ class CrashRecoveryTests(SpoolTestMixin, TestCase):
         self.assertEqual(self.successResultOf(spool.list()), [("active", good)])
         self.assertEqual(self.names("active"), sorted([good.queue_id, good.queue_id + ".state"]))
         self.assertEqual(self.successResultOf(spool.recover()), 0)
+
+    def test_orphan_states_and_state_leftovers_removed(self):
+        kept, kept_id = self.enqueue()
+        self.successResultOf(self.spool.save_state(kept_id, b"kept"))
+        orphan = new_queue_id()  # a crash between the two unlinks of remove()
+        self.write("state", orphan, b"{}")
+        self.write("tmp", kept_id + ".state-0123456789ab", b'{"half": ')  # a crash during save_state
+        bad = new_queue_id()  # its message is set aside as corrupt: its state goes too
+        self.write("active", bad, b"garbage")
+        self.write("state", bad, b"{}")
+        self.write("state", "not.an-id", b"someone else's")
+        os.mkdir(os.path.join(self.path, "state", new_queue_id()))
+
+        events = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+        spool = self.make_spool()
+        self.assertEqual(self.successResultOf(spool.recover()), 1 + 1 + 2)
+        [info] = [e for e in events if e["log_level"] == LogLevel.info]
+        self.assertEqual((info["removed"], info["corrupt"], info["orphans"], info["entries"]), (1, 1, 2, 1))
+        self.assertEqual(self.names("tmp"), [])
+        self.assertEqual(self.names("corrupt"), [bad])
+        self.assertEqual(len(self.names("state")), 3)
+        self.assertNotIn(orphan, self.names("state"))
+        self.assertNotIn(bad, self.names("state"))
+        self.assertIn("not.an-id", self.names("state"))
+        self.assertEqual(self.successResultOf(spool.load_state(kept_id)), b"kept")
+        self.assertEqual(self.successResultOf(spool.list()), [("active", kept)])
+        self.assertEqual(self.successResultOf(spool.recover()), 0)
+
+    def test_old_spool_gets_a_state_directory(self):
+        os.rmdir(os.path.join(self.path, "state"))
+        self.assertEqual(self.successResultOf(self.make_spool().recover()), 0)
+        self.assertTrue(os.path.isdir(os.path.join(self.path, "state")))
 
     def test_corrupt_never_overwrites_older_corrupt(self):
         queue_id = new_queue_id()
@@ -525,6 +963,27 @@ class ThreadPoolTests(TestCase):
             self.assertEqual((yield spool.load(envelope.queue_id)), ("active", envelope, body))
         self.assertLessEqual(spool.commit_jobs, 50)
         self.assertEqual(os.listdir(os.path.join(spool.path, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_state_and_subscribers_with_a_pool(self):
+        """Subscribers run on the reactor thread, never in the pool; saves of many messages overlap."""
+        spool = Spool(self.mktemp(), global_reactor, threadpool=self.pool)
+        yield spool.recover()
+        threads = []
+        spool.subscribe(lambda queue_id, state: threads.append(threading.current_thread()))
+        envelopes = [make_envelope() for _ in range(20)]
+        yield defer.gatherResults([spool.enqueue(e, BODY) for e in envelopes], consumeErrors=True)
+        self.assertEqual(threads, [threading.main_thread()] * 20)
+        ids = [e.queue_id for e in envelopes]
+        saves = [spool.save_state(q, b"%d" % n) for q in ids for n in range(3)]
+        yield defer.gatherResults(saves, consumeErrors=True)
+        states = yield defer.gatherResults([spool.load_state(q) for q in ids])
+        self.assertEqual(states, [b"2"] * 20)
+        yield spool.move(ids[0], "hold")
+        self.assertEqual(len(threads), 21)
+        self.assertIs(threads[-1], threading.main_thread())
+        yield defer.gatherResults([spool.remove(q) for q in ids])
+        self.assertEqual(os.listdir(os.path.join(spool.path, "state")), [])
 
     @defer.inlineCallbacks
     def test_default_runner_uses_reactors_pool(self):

@@ -9,8 +9,15 @@ directory fsync makes many of them durable.
 
 Entry format:  b"MGQ1 <json_len> <body_len> <crc32 hex of body>\\n" + envelope JSON + b"\\n" + body.
 
-Queue ids never contain a dot: names like "<id>.state" are reserved for sidecar files (per-recipient
-delivery state, later) and are left alone here.
+Delivery state (the scheduler's opaque bytes, per message) lives in state/<id>, one directory for all
+queue states so that move() never touches it.  It is replaced the same way a message is written:
+tmp/<id>.state-<random>, fdatasync, rename over state/<id> (through the group commit), fsync of state/.
+A reader therefore sees the old bytes or the new ones, never a mixture.  remove() unlinks the message,
+makes that durable, and only then unlinks the state: a crash in between leaves an orphan state file
+(which recover() deletes), never a message that lost its delivery state.
+
+Queue ids never contain a dot: names with one ("<id>.state") in the state directories are left alone,
+and the tmp names of state writes can never collide with the tmp name of a message.
 
 All disk I/O runs through run_in_thread; the functions prefixed with an underscore at module level are
 the thread-side halves and never touch Deferreds, the reactor or the logger.
@@ -39,7 +46,8 @@ log = Logger()
 STATES = ("active", "deferred", "hold", "quarantine")
 TMP = "tmp"
 CORRUPT = "corrupt"
-DIRECTORIES = (TMP,) + STATES + (CORRUPT,)
+STATE_DIR = "state"  # delivery state of every message, whatever queue state it is in
+DIRECTORIES = (TMP,) + STATES + (CORRUPT, STATE_DIR)
 
 MAGIC = b"MGQ1"
 _HEADER_MAX = 64  # "MGQ1 " + two 20-digit lengths + 8 hex digits + separators fits easily
@@ -245,20 +253,25 @@ def _set_aside(root, state, name, reason):
 # --- thread side: the jobs -------------------------------------------------------------------------
 
 
-def _write_entry(path, json_bytes, data):
-    """Create path exclusively, write the whole entry with one writev, fdatasync; no leftovers."""
-    body = memoryview(data).cast("B")
-    head = _header(json_bytes, body) + json_bytes + b"\n"
+def _write_file(path, buffers):
+    """Create path exclusively, write buffers with one writev, fdatasync; no leftovers on failure."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
-            _writev_all(fd, [head, body])
+            _writev_all(fd, buffers)
             os.fdatasync(fd)
         finally:
             os.close(fd)
     except BaseException:
         _unlink_quietly(path)
         raise
+
+
+def _write_entry(path, json_bytes, data):
+    """Write a whole entry (header, envelope, body) to path."""
+    body = memoryview(data).cast("B")
+    head = _header(json_bytes, body) + json_bytes + b"\n"
+    _write_file(path, [head, body])
 
 
 def _commit(ops):
@@ -304,7 +317,10 @@ def _op_rename_in(source, target_dir, target):
 
 
 def _op_move(root, queue_id, state):
-    """Commit op of move: find the entry in another state and rename it into state."""
+    """
+    Commit op of move: find the entry in another state and rename it into state.  The result says
+    whether it moved (False: it was in state already).
+    """
     target_dir = os.path.join(root, state)
     target = os.path.join(target_dir, queue_id)
     for source_state in STATES:
@@ -315,22 +331,73 @@ def _op_move(root, queue_id, state):
             os.rename(os.path.join(source_dir, queue_id), target)
         except FileNotFoundError:
             continue
-        return None, [target_dir, source_dir], None
+        return True, [target_dir, source_dir], None
     if os.path.lexists(target):
-        return None, [], None
+        return False, [], None
     raise KeyError(queue_id)
 
 
 def _op_remove(root, queue_id):
-    """Commit op of remove."""
+    """
+    Commit op of remove: unlink the message.  The result says whether it has a state file, which
+    the next commit unlinks once this one is durable.  (No state file can appear after this op:
+    _op_save_state, in a later commit, finds no message and fails.)
+    """
     for state in STATES:
         directory = os.path.join(root, state)
         try:
             os.unlink(os.path.join(directory, queue_id))
         except FileNotFoundError:
             continue
-        return None, [directory], None
+        return os.path.lexists(os.path.join(root, STATE_DIR, queue_id)), [directory], None
     raise KeyError(queue_id)
+
+
+def _message_exists(root, queue_id):
+    return any(os.path.lexists(os.path.join(root, state, queue_id)) for state in STATES)
+
+
+def _op_save_state(root, queue_id, source):
+    """
+    Commit op of save_state: rename the written tmp file over state/<id>.  Only while the message
+    exists: commit ops run one at a time, so a save can never land after remove() and orphan a file.
+    """
+    try:
+        if not _message_exists(root, queue_id):
+            raise KeyError(queue_id)
+        directory = os.path.join(root, STATE_DIR)
+        os.rename(source, os.path.join(directory, queue_id))
+    except BaseException:
+        _unlink_quietly(source)
+        raise
+    return None, [directory], None  # the old bytes are gone: nothing to undo to
+
+
+def _op_remove_state(root, queue_id):
+    """Commit op of remove, second half: the message is durably gone, now its state file."""
+    directory = os.path.join(root, STATE_DIR)
+    try:
+        os.unlink(os.path.join(directory, queue_id))
+    except FileNotFoundError:
+        return None, [], None
+    return None, [directory], None
+
+
+def _load_state(root, queue_id):
+    """The bytes of state/<id>, or None.  Whole, because state files are only ever renamed in."""
+    try:
+        fd = os.open(os.path.join(root, STATE_DIR, queue_id), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def _read_entry(fd, name):
@@ -426,12 +493,38 @@ def _clear_tmp(root):
     return removed
 
 
+def _clear_orphan_states(root, entries):
+    """
+    Delete the state files of messages that are gone (a crash between the two unlinks of remove(),
+    or the message was set aside as corrupt); returns how many.  Names that are not queue ids, and
+    directories, are not ours and are left alone.
+    """
+    directory = os.path.join(root, STATE_DIR)
+    alive = {envelope.queue_id for _, envelope in entries}
+    removed = 0
+    for name in os.listdir(directory):
+        if name in alive or not _ID_RE.match(name) or _message_exists(root, name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
 def _recover(root):
-    """(leftovers removed from tmp/, problems set aside, entries that are fine)."""
+    """(leftovers removed from tmp/, problems set aside, entries that are fine, orphan states removed)."""
     _make_directories(root)
     removed = _clear_tmp(root)
     entries, problems = _list(root, STATES)
-    return removed, problems, len(entries)
+    orphans = _clear_orphan_states(root, entries)
+    return removed, problems, len(entries), orphans
 
 
 def _probe(root):
@@ -511,6 +604,8 @@ class Spool:
         # A runner that raises instead of returning a failed Deferred must not wedge the commits.
         self._run = functools.partial(defer.maybeDeferred, run)
         self._committer = _GroupCommit(self._run)
+        self._subscribers = []
+        self._state_locks = {}  # queue_id -> DeferredLock: saves of one message land in call order
 
     def _in_pool(self, f, *args):
         pool = self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
@@ -528,17 +623,18 @@ class Spool:
         return self._run(_recover, self.path).addCallback(self._recovered)
 
     def _recovered(self, result):
-        removed, problems, entries = result
+        removed, problems, entries, orphans = result
         _log_problems(problems)
         log.info(
             "Queue {path} recovered: {entries} entries, {removed} leftovers removed, "
-            "{corrupt} corrupt entries set aside",
+            "{corrupt} corrupt entries set aside, {orphans} orphan state files removed",
             path=self.path,
             entries=entries,
             removed=removed,
             corrupt=len(problems),
+            orphans=orphans,
         )
-        return removed + len(problems)
+        return removed + len(problems) + orphans
 
     def enqueue(self, envelope, data, state="active"):
         _check_state(state)
@@ -548,8 +644,17 @@ class Spool:
         op = functools.partial(_op_rename_in, source, target_dir, os.path.join(target_dir, queue_id))
         d = self._run(_write_entry, source, envelope.to_json(), data)
         d.addCallback(lambda _: self._committer.submit(op))
-        d.addCallbacks(lambda _: queue_id, self._enqueue_failed, errbackArgs=(queue_id, state))
+        d.addCallbacks(
+            self._enqueued,
+            self._enqueue_failed,
+            callbackArgs=(queue_id, state),
+            errbackArgs=(queue_id, state),
+        )
         return d
+
+    def _enqueued(self, _, queue_id, state):
+        self._notify(queue_id, state)
+        return queue_id
 
     def _enqueue_failed(self, failure, queue_id, state):
         log.error(
@@ -584,11 +689,104 @@ class Spool:
     def move(self, queue_id, state):
         _check_state(state)
         _check_id(queue_id)
-        return self._committer.submit(functools.partial(_op_move, self.path, queue_id, state))
+        d = self._committer.submit(functools.partial(_op_move, self.path, queue_id, state))
+        return d.addCallback(self._moved, queue_id, state)
+
+    def _moved(self, moved, queue_id, state):
+        if moved:  # a move to where the entry already is changes nothing and tells nobody
+            self._notify(queue_id, state)
+        return None
 
     def remove(self, queue_id):
         _check_id(queue_id)
-        return self._committer.submit(functools.partial(_op_remove, self.path, queue_id))
+        d = self._committer.submit(functools.partial(_op_remove, self.path, queue_id))
+        return d.addCallback(self._remove_state, queue_id)
+
+    def _remove_state(self, has_state, queue_id):
+        """
+        Second commit of remove, only once the message is durably gone.  Its failure is logged, not
+        returned: the message is gone, and recover() deletes a state file left behind.
+        """
+        if not has_state:
+            return None
+        d = self._committer.submit(functools.partial(_op_remove_state, self.path, queue_id))
+        d.addErrback(self._state_not_removed, queue_id)
+        return d
+
+    def _state_not_removed(self, failure, queue_id):
+        log.failure(
+            "Could not remove the state file of {queue_id}; recover() will", failure, queue_id=queue_id
+        )
+
+    # -- delivery state ------------------------------------------------------------------------------
+
+    def save_state(self, queue_id, data):
+        _check_id(queue_id)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("state must be bytes, not %s" % (type(data).__name__,))
+        data = bytes(data)  # the caller may change a bytearray while the write waits for the pool
+        lock = self._state_locks.get(queue_id)
+        if lock is None:
+            lock = self._state_locks[queue_id] = defer.DeferredLock()
+        d = lock.run(self._save_state, queue_id, data)
+        d.addBoth(self._forget_lock, queue_id, lock)
+        return d
+
+    def _save_state(self, queue_id, data):
+        source = os.path.join(self._dir(TMP), "%s.state-%s" % (queue_id, secrets.token_hex(6)))
+        op = functools.partial(_op_save_state, self.path, queue_id, source)
+        d = self._run(_write_file, source, [data])
+        d.addCallback(lambda _: self._committer.submit(op))
+        return d
+
+    def _forget_lock(self, result, queue_id, lock):
+        if not lock.locked and not lock.waiting and self._state_locks.get(queue_id) is lock:
+            del self._state_locks[queue_id]
+        return result
+
+    def load_state(self, queue_id):
+        _check_id(queue_id)
+        return self._run(_load_state, self.path, queue_id)
+
+    # -- notification --------------------------------------------------------------------------------
+
+    def subscribe(self, callback):
+        """
+        Returns a function that unsubscribes callback again (for a service that stops; calling it
+        twice is harmless).
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe():
+            try:
+                self._subscribers.remove(callback)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    def _notify(self, queue_id, state):
+        for callback in list(self._subscribers):  # a callback may subscribe or unsubscribe
+            try:
+                result = callback(queue_id, state)
+            except Exception:
+                log.failure(
+                    "Queue subscriber {subscriber!r} failed for {queue_id} in {state}",
+                    subscriber=callback,
+                    queue_id=queue_id,
+                    state=state,
+                )
+                continue
+            if isinstance(result, defer.Deferred):
+                result.addErrback(
+                    lambda f, s=callback: log.failure(
+                        "Queue subscriber {subscriber!r} failed for {queue_id} in {state}",
+                        f,
+                        subscriber=s,
+                        queue_id=queue_id,
+                        state=state,
+                    )
+                )
 
     def check_writable(self):
         return self._run(_probe, self.path).addErrback(self._not_writable)

@@ -58,6 +58,7 @@ class TLSConfig:
     private_key = attr.ib(default=None)
     min_version = attr.ib(default="TLSv1.2")  # "TLSv1.2" or "TLSv1.3"
     generate_self_signed = attr.ib(default=False)
+    ca_file = attr.ib(default=None)  # trust store for outbound "verify" (None: the system's)
 
 
 @attr.s(frozen=True, slots=True)
@@ -80,6 +81,47 @@ class ListenerConfig:
 
 
 @attr.s(frozen=True, slots=True)
+class DNSConfig:
+    nameservers = attr.ib(default=())  # tuple of (ip str, port int); empty: the system's resolv.conf
+    timeout = attr.ib(default=5.0)
+
+
+@attr.s(frozen=True, slots=True)
+class DeliveryConfig:
+    mx_port = attr.ib(default=25)
+    concurrency = attr.ib(default=20)
+    per_destination_concurrency = attr.ib(default=4)
+    retry = attr.ib(default=(60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0))  # last repeats
+    max_lifetime = attr.ib(default=172800.0)
+    delay_warning = attr.ib(default=14400.0)  # 0: off
+    connect_timeout = attr.ib(default=30.0)
+    command_timeout = attr.ib(default=300.0)
+    data_timeout = attr.ib(default=600.0)
+
+
+@attr.s(frozen=True, slots=True)
+class RouteConfig:
+    name = attr.ib()
+    domains = attr.ib()  # tuple of str: "example.com" exact, ".example.com" subdomains, "*" the rest
+    smarthosts = attr.ib(default=())  # tuple of (host str, port int), tried in order
+    mx = attr.ib(default=False)
+    tls = attr.ib(default="opportunistic")  # "none" | "opportunistic" | "required" | "verify"
+    username = attr.ib(default=None)
+    password = attr.ib(default=None)  # from password or password_file
+    dkim_sign = attr.ib(default=False)  # default: yes for mx routes, no for smarthost routes
+
+
+@attr.s(frozen=True, slots=True)
+class DKIMConfig:
+    sign_domains = attr.ib(default=())  # tuple of lower-case domains; empty: no signing
+    selector = attr.ib(default=None)
+    private_key = attr.ib(default=None)  # path
+    headers = attr.ib(default=(
+        "from", "from", "to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
+        "references", "mime-version", "content-type", "content-transfer-encoding"))
+
+
+@attr.s(frozen=True, slots=True)
 class Config:
     path = attr.ib()  # absolute path of the ini file it came from
     gateway = attr.ib()
@@ -88,6 +130,10 @@ class Config:
     tls = attr.ib()
     auth = attr.ib()
     listeners = attr.ib()  # tuple of ListenerConfig, in file order
+    dns = attr.ib(factory=DNSConfig)
+    delivery = attr.ib(factory=DeliveryConfig)
+    routes = attr.ib(default=())  # tuple of RouteConfig, in file order
+    dkim = attr.ib(factory=DKIMConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +356,228 @@ class Endpoint:
         return value
 
 
+@attr.s(frozen=True)
+class Port:
+    def parse(self, text, base):
+        return _port(text, text)
+
+    def render(self, value):
+        return str(value)
+
+
+def _port(text, item):
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise _expected("a port from 1 to 65535", item)
+    return int(text)
+
+
+def _split_port(item):
+    """
+    'host', 'host:port', '[v6]', '[v6]:port' or a bare IPv6 address (which cannot carry a port)
+    -> (host, port text or None, whether the host was in brackets).
+    """
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", item)
+    if bracketed:
+        return bracketed.group(1), bracketed.group(2), True
+    if item.count(":") > 1:
+        return item, None, False
+    host, colon, port = item.partition(":")
+    return host, (port if colon else None), False
+
+
+def _ip(text):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _join_port(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+@attr.s(frozen=True)
+class NameserverList:
+    """A tuple of (ip str, port int): 192.0.2.53, 192.0.2.53:5353, ::1 or [::1]:5353 (port 53)."""
+
+    def parse(self, text, base):
+        servers = []
+        for item in _items(text):
+            host, port, bracketed = _split_port(item)
+            address = _ip(host)
+            if address is None or (bracketed and ":" not in address):
+                what = "a nameserver address like 192.0.2.53, 192.0.2.53:5353, ::1 or [::1]:5353"
+                raise _expected(what, item)
+            server = (address, 53 if port is None else _port(port, item))
+            if server not in servers:
+                servers.append(server)
+        return tuple(servers)
+
+    def render(self, value):
+        return ", ".join(_join_port(host, port) for host, port in value)
+
+
+@attr.s(frozen=True)
+class HostList:
+    """A tuple of (host str, port int): a DNS name or an IP address, then :port (default 25)."""
+
+    default_port = attr.ib(default=25)
+    _WHAT = "a host like mx.example.com, mx.example.com:587, 192.0.2.25 or [2001:db8::25]:25"
+
+    def parse(self, text, base):
+        hosts = []
+        for item in _items(text):
+            host, port, bracketed = _split_port(item)
+            name = _ip(host)
+            if name is None and not bracketed:
+                name = self._name(host)
+            if name is None or (bracketed and ":" not in name):
+                raise _expected(self._WHAT, item)
+            one = (name, self.default_port if port is None else _port(port, item))
+            if one not in hosts:
+                hosts.append(one)
+        return tuple(hosts)
+
+    def _name(self, text):
+        try:
+            name = _hostname(text)
+        except ValueError:
+            return None
+        # An all-numeric last label is a mistyped address (192.0.2.300), never a name.
+        return None if name.rsplit(".", 1)[-1].isdigit() else name
+
+    def render(self, value):
+        return ", ".join(_join_port(host, port) for host, port in value)
+
+
+@attr.s(frozen=True)
+class DurationList:
+    """A tuple of durations, at least one."""
+
+    def parse(self, text, base):
+        durations = tuple(Duration().parse(item, base) for item in _items(text))
+        if not durations:
+            raise _expected("at least one duration like 1m, 5m, 1h", text)
+        return durations
+
+    def render(self, value):
+        return ", ".join(Duration().render(one) for one in value)
+
+
+@attr.s(frozen=True)
+class RouteDomains:
+    """At least one of: example.com (exact), .example.com (its subdomains), * (everything else)."""
+
+    def parse(self, text, base):
+        domains = []
+        for item in _items(text):
+            domain = self._one(item)
+            if domain not in domains:
+                domains.append(domain)
+        if not domains:
+            raise _expected("a list of domains like example.com, .example.com or *", text)
+        return tuple(domains)
+
+    def _one(self, item):
+        if item == "*":
+            return item
+        dot = "." if item.startswith(".") else ""
+        try:
+            return dot + _hostname(item[len(dot):])
+        except ValueError:
+            pass
+        what = "a domain like example.com, .example.com (its subdomains) or * (any other)"
+        if item.startswith("*."):
+            raise ValueError("%s (did you mean %r?)" % (_expected(what, item), item[1:]))
+        raise _expected(what, item)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class Label:
+    """One lower-case DNS label (a DKIM selector)."""
+
+    optional = attr.ib(default=True)  # then an empty value means not set: None
+
+    def parse(self, text, base):
+        if not text and self.optional:
+            return None
+        if not _LABEL.fullmatch(text.lower()):
+            raise _expected("a DNS label like mail2024 (letters, digits and '-')", text)
+        return text.lower()
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+
+
+@attr.s(frozen=True)
+class HeaderList:
+    """A tuple of lower-case header field names, repeats kept (a repeat oversigns)."""
+
+    def parse(self, text, base):
+        names = _items(text)
+        for name in names:
+            if not _HEADER_NAME.fullmatch(name):
+                raise _expected("a list of header names like from, to, subject", name)
+        return tuple(name.lower() for name in names)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class Text:
+    """One line of text, kept as written (a username, a password); empty means not set: None."""
+
+    def parse(self, text, base):
+        if "\n" in text:
+            raise ValueError("expected a single line, got a value continued on the next line")
+        return text or None
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+@attr.s(frozen=True)
+class SecretFile:
+    """
+    A path to a file whose first line (stripped) is a secret, read at load: the value is the
+    secret, not the path (None when not set).
+    """
+
+    _MAX_LINE = 4096
+
+    def parse(self, text, base):
+        filename = Path().parse(text, base)
+        if filename is None:
+            return None
+        problem = _file_problem(filename)
+        if problem:
+            raise ValueError(problem)
+        try:
+            with open(filename, "rb") as f:
+                line = f.readline(self._MAX_LINE + 1)
+        except OSError:
+            raise ValueError("not readable: %s" % filename) from None
+        if len(line) > self._MAX_LINE:
+            raise ValueError("first line longer than %d bytes: %s" % (self._MAX_LINE, filename))
+        try:
+            secret = line.decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text: %s" % filename) from None
+        if not secret:
+            raise ValueError("empty first line, expected the password: %s" % filename)
+        return secret
+
+    def render(self, value):
+        return ""  # the secret itself is rendered by the key it stands for
+
+
 # ---------------------------------------------------------------------------------------------
 # The schema: one table per section of key -> Key(kind, default).  A default is the text of a
 # value, or a callable (values of this section so far, config values built so far) -> value.
@@ -392,6 +660,7 @@ TLS_KEYS = {
     "private_key": Key(Path(), ""),
     "min_version": Key(Choice(("TLSv1.2", "TLSv1.3")), "TLSv1.2"),
     "generate_self_signed": Key(Bool(), "no"),
+    "ca_file": Key(Path(), ""),
 }
 
 AUTH_KEYS = {
@@ -432,6 +701,84 @@ def _check_listener(values):
     return None
 
 
+DNS_KEYS = {
+    "nameservers": Key(NameserverList(), ""),
+    "timeout": Key(Duration(), "5s"),
+}
+
+DELIVERY_KEYS = {
+    "mx_port": Key(Port(), "25"),
+    "concurrency": Key(Int(1), "20"),
+    "per_destination_concurrency": Key(Int(1), "4"),
+    "retry": Key(DurationList(), "1m, 5m, 15m, 30m, 1h, 2h, 4h"),
+    "max_lifetime": Key(Duration(), "2d"),
+    "delay_warning": Key(Duration(positive=False), "4h"),
+    "connect_timeout": Key(Duration(), "30s"),
+    "command_timeout": Key(Duration(), "5m"),
+    "data_timeout": Key(Duration(), "10m"),
+}
+
+ROUTE_KEYS = {
+    "domains": Key(RouteDomains()),
+    "smarthost": Key(HostList(), ""),
+    "mx": Key(Bool(), "no"),
+    "tls": Key(Choice(("none", "opportunistic", "required", "verify")), "opportunistic"),
+    "username": Key(Text(), ""),
+    "password": Key(Text(), ""),
+    "password_file": Key(SecretFile(), ""),
+    "dkim_sign": Key(Bool(), lambda values, built: values["mx"]),
+}
+
+
+def _build_route(name, values):
+    from_file, inline = values.pop("password_file"), values.pop("password")
+    password = inline if from_file is None else from_file
+    return RouteConfig(name=name, smarthosts=values.pop("smarthost"), password=password, **values)
+
+
+def _flatten_route(route):
+    values = attr.asdict(route, recurse=False)
+    values["smarthost"] = values.pop("smarthosts")
+    values["password_file"] = None  # its secret is rendered as password
+    return values.pop("name"), values
+
+
+def _check_route(values):
+    if values["mx"] and values["smarthost"]:
+        return "smarthost", "not allowed with mx = yes: a route delivers by MX or to smarthosts"
+    if not values["mx"] and not values["smarthost"]:
+        return "smarthost", "required, unless mx = yes"
+    if values["password"] is not None and values["password_file"] is not None:
+        return "password_file", "not allowed with password: set one of them"
+    has_password = values["password"] is not None or values["password_file"] is not None
+    if values["username"] is not None and not has_password:
+        return "username", "needs password or password_file"
+    if values["username"] is None and has_password:
+        key = "password" if values["password"] is not None else "password_file"
+        return key, "needs username"
+    if values["username"] is not None and values["tls"] == "none":
+        return "username", "needs tls other than none: credentials are sent only over TLS"
+    return None
+
+
+DKIM_KEYS = {
+    "sign_domains": Key(DomainList(), ""),
+    "selector": Key(Label(), ""),
+    "private_key": Key(Path(), ""),
+    "headers": Key(HeaderList(), ", ".join(attr.fields(DKIMConfig).headers.default)),
+}
+
+
+def _check_dkim_section(values):
+    if values["sign_domains"]:
+        for key in ("selector", "private_key"):
+            if values[key] is None:
+                return key, "required, because sign_domains is set"
+    if "from" not in values["headers"]:
+        return "headers", "must include from (RFC 6376 requires From to be signed)"
+    return None
+
+
 SECTIONS = {
     "gateway": _plain("gateway", GatewayConfig, GATEWAY_KEYS),
     "limits": _plain("limits", Limits, LIMITS_KEYS),
@@ -441,6 +788,10 @@ SECTIONS = {
     "listener": Section(
         "listeners", LISTENER_KEYS, _build_listener, _flatten_listener, _check_listener, named=True
     ),
+    "dns": _plain("dns", DNSConfig, DNS_KEYS),
+    "delivery": _plain("delivery", DeliveryConfig, DELIVERY_KEYS),
+    "route": Section("routes", ROUTE_KEYS, _build_route, _flatten_route, _check_route, named=True),
+    "dkim": _plain("dkim", DKIMConfig, DKIM_KEYS, _check_dkim_section),
 }
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -596,6 +947,8 @@ def _check_tls(path, config):
         value = getattr(config.tls, key)
         if value is not None and not config.tls.generate_self_signed:
             _check_readable(path, "tls", key, value)
+    if config.tls.ca_file is not None:
+        _check_readable(path, "tls", "ca_file", config.tls.ca_file)
 
 
 def _check_auth(path, config):
@@ -608,23 +961,49 @@ def _check_auth(path, config):
         _check_readable(path, "auth", "users_file", value)
 
 
+def _check_routes(path, config):
+    """A domain entry may be in one route only ("*" included)."""
+    seen = {}
+    for route in config.routes:
+        for domain in route.domains:
+            first = seen.setdefault(domain, route.name)
+            if first != route.name:
+                message = "%s is already in [route:%s]" % (domain, first)
+                raise ConfigError(path, "route:" + route.name, "domains", message)
+
+
+def _check_dkim(path, config):
+    if config.dkim.private_key is not None:
+        _check_readable(path, "dkim", "private_key", config.dkim.private_key)
+
+
 def _check_readable(path, section, key, filename):
-    """Stat first so that a FIFO or a directory is refused without blocking on open."""
+    problem = _file_problem(filename)
+    if problem:
+        raise ConfigError(path, section, key, problem)
+
+
+def _file_problem(filename):
+    """
+    None if filename is a readable regular file, else what is wrong.  Stat first so that a FIFO
+    or a directory is refused without blocking on open.
+    """
     try:
         mode = os.stat(filename).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        raise ConfigError(path, section, key, "file not found: %s" % filename) from None
+        return "file not found: %s" % filename
     except OSError:
-        raise ConfigError(path, section, key, "not readable: %s" % filename) from None
+        return "not readable: %s" % filename
     if not stat.S_ISREG(mode):
-        raise ConfigError(path, section, key, "not a file: %s" % filename)
+        return "not a file: %s" % filename
     try:
         open(filename, "rb").close()
     except OSError:
-        raise ConfigError(path, section, key, "not readable: %s" % filename) from None
+        return "not readable: %s" % filename
+    return None
 
 
-CHECKS = [_check_listeners, _check_tls, _check_auth]
+CHECKS = [_check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim]
 
 
 # ---------------------------------------------------------------------------------------------

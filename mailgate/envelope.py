@@ -97,3 +97,34 @@ class Envelope:
         fields = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
         known = {a.name for a in attr.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+@attr.s(frozen=True, slots=True)
+class Hop:
+    """One place to try delivering to: the host's name (for TLS checks and logs), an IP, a port."""
+
+    name = attr.ib()
+    address = attr.ib()
+    port = attr.ib(converter=int)
+
+
+@attr.s(frozen=True, slots=True)
+class RecipientResult:
+    """
+    What one delivery attempt did for one recipient.  outcome is "delivered", "deferred" (try
+    again later) or "bounced" (permanent).  code/status/text are the remote's reply, or ours
+    (e.g. 451 4.4.1 for a connection failure).  remote is the Hop that answered, if any; tls
+    the TLS version used, None for plaintext.
+    """
+
+    recipient = attr.ib()
+    outcome = attr.ib()
+    code = attr.ib(converter=int)
+    status = attr.ib()
+    text = attr.ib()
+    remote = attr.ib(default=None)
+    tls = attr.ib(default=None)
+
+    @property
+    def final(self):
+        return self.outcome in ("delivered", "bounced")

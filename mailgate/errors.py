@@ -40,3 +40,19 @@ class ConfigError(Exception):
             if self.key is not None:
                 where += " %s" % (self.key,)
         return "%s: %s" % (where, self.message)
+
+
+class RoutingError(Exception):
+    """
+    No next hop for a destination.  permanent: bounce (e.g. null MX, 5.1.10; mail loop, 5.4.6);
+    else defer (DNS timeout, 4.4.3).  status is the RFC 3463 code, text the diagnostic.
+    """
+
+    def __init__(self, status, text, permanent):
+        Exception.__init__(self, status, text, permanent)
+        self.status = status
+        self.text = text
+        self.permanent = permanent
+
+    def __str__(self):
+        return "%s %s" % (self.status, self.text)

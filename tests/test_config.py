@@ -12,10 +12,14 @@ from mailgate.config import (
     SECTIONS,
     AuthConfig,
     Config,
+    DeliveryConfig,
+    DKIMConfig,
+    DNSConfig,
     GatewayConfig,
     Limits,
     ListenerConfig,
     QueueConfig,
+    RouteConfig,
     TLSConfig,
     load_config,
     render_config,
@@ -67,6 +71,10 @@ def test_defaults_match_the_config_classes(tmp_path):
     assert config.auth == AuthConfig()
     [listener] = config.listeners
     assert listener == ListenerConfig(name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none")
+    assert config.dns == DNSConfig()
+    assert config.delivery == DeliveryConfig()
+    assert config.routes == ()  # allowed: then every recipient bounces "no route"
+    assert config.dkim == DKIMConfig()
     assert config.path == os.path.join(str(tmp_path), "mailgate.ini")
 
 
@@ -253,10 +261,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
 
 def test_error_names_the_file_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path, "[dns]\n")
+    write(tmp_path, "[smtp]\n")
     with pytest.raises(ConfigError) as info:
         load_config("mailgate.ini")
-    assert str(info.value) == "mailgate.ini: [dns]: unknown section"
+    assert str(info.value) == "mailgate.ini: [smtp]: unknown section"
     assert info.value.file == "mailgate.ini"
 
 
@@ -296,7 +304,7 @@ def test_unreadable_users_file(tmp_path, monkeypatch):
 LISTENER = "[listener:mx]\nendpoint = tcp:2525\nrole = relay\ntls = none\nauth = none\n"
 
 BROKEN = [
-    ("[dns]\n" + LISTENER, "FILE: [dns]: unknown section"),
+    ("[smtp]\n" + LISTENER, "FILE: [smtp]: unknown section"),
     ("[Gateway]\n" + LISTENER, "FILE: [Gateway]: unknown section"),
     ("[DEFAULT]\nhostname = x\n" + LISTENER, "FILE: [DEFAULT]: unknown section"),
     ("[gateway:x]\n" + LISTENER, "FILE: [gateway:x]: unknown section"),
@@ -559,11 +567,410 @@ def test_unreadable(tmp_path, monkeypatch):
     assert str(info.value) == "%s: cannot read: Permission denied" % path
 
 
+# --- delivery: [tls] ca_file, [dns], [delivery], [route:NAME], [dkim] ----------------------------
+
+MX_ROUTE = "[route:out]\ndomains = *\nmx = yes\n"
+
+
+def route(name="r", **keys):
+    """A [route:NAME] section; keys in the order given, smarthost by default."""
+    keys.setdefault("domains", "example.com")
+    if "mx" not in keys:
+        keys.setdefault("smarthost", "127.0.0.1")
+    return "[route:%s]\n" % name + "".join("%s = %s\n" % item for item in keys.items())
+
+
+def test_ca_file(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    config = load(tmp_path, PLAIN + "[tls]\nca_file = ca.pem\n")
+    assert config.tls.ca_file == str(tmp_path / "ca.pem")
+    assert config.tls.certificate is None
+
+
+def test_ca_file_unreadable(tmp_path, monkeypatch):
+    (tmp_path / "ca.pem").write_text("x")
+    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "ca.pem"), raising=False)
+    message = error(tmp_path, PLAIN + "[tls]\nca_file = ca.pem\n")
+    assert message == "FILE: [tls] ca_file: not readable: %s" % (tmp_path / "ca.pem")
+
+
+def test_verify_without_ca_file_uses_the_system_store(tmp_path):
+    config = load(tmp_path, PLAIN + route(tls="verify"))
+    assert (config.routes[0].tls, config.tls.ca_file) == ("verify", None)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("", ()),
+        ("192.0.2.53", (("192.0.2.53", 53),)),
+        ("192.0.2.53:5353", (("192.0.2.53", 5353),)),
+        ("::1", (("::1", 53),)),
+        ("[::1]:5353", (("::1", 5353),)),
+        ("[2001:DB8::53]", (("2001:db8::53", 53),)),
+        ("2001:db8::53:1", (("2001:db8::53:1", 53),)),  # bare IPv6: all of it is the address
+        ("127.0.0.1, [::1]:5353,\n  192.0.2.1:53", (("127.0.0.1", 53), ("::1", 5353), ("192.0.2.1", 53))),
+        ("127.0.0.1, 127.0.0.1:53", (("127.0.0.1", 53),)),
+    ],
+)
+def test_nameservers(tmp_path, text, value):
+    config = load(tmp_path, PLAIN + "[dns]\nnameservers = %s\n" % text)
+    assert config.dns.nameservers == value
+    assert all(isinstance(port, int) for _, port in value)
+
+
+def test_dns_timeout(tmp_path):
+    assert load(tmp_path, PLAIN + "[dns]\ntimeout = 2.5s\n").dns.timeout == 2.5
+
+
+def test_delivery_keys(tmp_path):
+    config = load(
+        tmp_path,
+        PLAIN
+        + "[delivery]\nmx_port = 2525\nconcurrency = 100\nper_destination_concurrency = 1\n"
+        + "retry = 30s, 10m,\n  1h\nmax_lifetime = 5d\ndelay_warning = 0\nconnect_timeout = 10s\n"
+        + "command_timeout = 1m\ndata_timeout = 2m\n",
+    )
+    assert config.delivery == DeliveryConfig(
+        mx_port=2525,
+        concurrency=100,
+        per_destination_concurrency=1,
+        retry=(30.0, 600.0, 3600.0),
+        max_lifetime=5 * 86400.0,
+        delay_warning=0.0,
+        connect_timeout=10.0,
+        command_timeout=60.0,
+        data_timeout=120.0,
+    )
+    assert isinstance(config.delivery.retry, tuple)
+
+
+def test_retry_of_one_wait(tmp_path):
+    assert load(tmp_path, PLAIN + "[delivery]\nretry = 15m\n").delivery.retry == (900.0,)
+
+
+def test_route_defaults(tmp_path):
+    config = load(tmp_path, PLAIN + route("in", smarthost="exchange.corp.example") + MX_ROUTE)
+    assert config.routes == (
+        RouteConfig(name="in", domains=("example.com",), smarthosts=(("exchange.corp.example", 25),)),
+        RouteConfig(name="out", domains=("*",), mx=True, dkim_sign=True),
+    )
+
+
+def test_routes_keep_file_order(tmp_path):
+    names = ["zeta", "alpha", "m.i-d_1"]
+    text = PLAIN + "".join(route(name, domains="d%d.example" % i) for i, name in enumerate(names))
+    assert [r.name for r in load(tmp_path, text).routes] == ["zeta", "alpha", "m.i-d_1"]
+
+
+def test_route_keys(tmp_path):
+    config = load(
+        tmp_path,
+        PLAIN
+        + route(domains="Example.COM, .Example.com., example.org, example.com", smarthost="a.example",
+                tls="Verify", username="gw@corp.example", password="s3cr=t;x", dkim_sign="yes")
+        + route("o", domains="*", mx="yes", dkim_sign="no", tls="none"),
+    )
+    r, o = config.routes
+    assert r.domains == ("example.com", ".example.com", "example.org")
+    assert (r.tls, r.username, r.password, r.dkim_sign, r.mx) == ("verify", "gw@corp.example", "s3cr=t;x", True, False)
+    assert (o.domains, o.mx, o.smarthosts, o.dkim_sign, o.tls) == (("*",), True, (), False, "none")
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("mx.example.com", (("mx.example.com", 25),)),
+        ("MX.Example.com.:587", (("mx.example.com", 587),)),
+        ("192.0.2.25", (("192.0.2.25", 25),)),
+        ("192.0.2.25:2526", (("192.0.2.25", 2526),)),
+        ("[2001:db8::25]:26", (("2001:db8::25", 26),)),
+        ("[2001:db8::25]", (("2001:db8::25", 25),)),
+        ("2001:db8::25", (("2001:db8::25", 25),)),
+        ("localhost", (("localhost", 25),)),
+        (
+            "exchange1.corp.example:25, exchange2.corp.example:25",
+            (("exchange1.corp.example", 25), ("exchange2.corp.example", 25)),
+        ),
+        ("a.example, a.example:25, a.example:26", (("a.example", 25), ("a.example", 26))),
+    ],
+)
+def test_smarthosts(tmp_path, text, value):
+    assert load(tmp_path, PLAIN + route(smarthost=text)).routes[0].smarthosts == value
+
+
+def test_password_file(tmp_path):
+    (tmp_path / "pw").write_bytes(b"  s3cret #1 \r\nsecond line\n")
+    config = load(tmp_path, PLAIN + route(username="u", password_file="pw"))
+    assert config.routes[0].password == "s3cret #1"
+    (tmp_path / "pw").write_bytes(b"\xef\xbb\xbfonly line")  # a BOM and no newline
+    assert load(tmp_path, PLAIN + route(username="u", password_file="pw")).routes[0].password == "only line"
+
+
+def test_password_file_unreadable(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("x\n")
+    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "pw"), raising=False)
+    message = error(tmp_path, PLAIN + route(username="u", password_file="pw"))
+    assert message == "FILE: [route:r] password_file: not readable: %s" % (tmp_path / "pw")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\n", "empty first line, expected the password: {}"),
+        (b"  \nsecond\n", "empty first line, expected the password: {}"),
+        (b"", "empty first line, expected the password: {}"),
+        (b"caf\xe9\n", "not UTF-8 text: {}"),
+        (b"x" * 5000, "first line longer than 4096 bytes: {}"),
+    ],
+)
+def test_bad_password_file(tmp_path, content, message):
+    (tmp_path / "pw").write_bytes(content)
+    expected = "FILE: [route:r] password_file: " + message.format(tmp_path / "pw")
+    assert error(tmp_path, PLAIN + route(username="u", password_file="pw")) == expected
+
+
+def test_dkim(tmp_path):
+    (tmp_path / "dkim.key").write_text("x")
+    config = load(
+        tmp_path,
+        PLAIN
+        + "[dkim]\nsign_domains = Example.com, example.org\nselector = Mail-2024\nprivate_key = dkim.key\n"
+        + "headers = From, from, Subject, X-Custom.Header\n",
+    )
+    assert config.dkim == DKIMConfig(
+        sign_domains=("example.com", "example.org"),
+        selector="mail-2024",
+        private_key=str(tmp_path / "dkim.key"),
+        headers=("from", "from", "subject", "x-custom.header"),
+    )
+
+
+def test_dkim_default_headers_oversign_from(tmp_path):
+    headers = load(tmp_path, PLAIN).dkim.headers
+    assert headers[:2] == ("from", "from") and "content-transfer-encoding" in headers
+
+
+def test_dkim_private_key_checked_when_set(tmp_path):
+    message = error(tmp_path, PLAIN + "[dkim]\nprivate_key = nope.key\n")
+    assert message == "FILE: [dkim] private_key: file not found: %s" % (tmp_path / "nope.key")
+
+
+def test_dkim_private_key_unreadable(tmp_path, monkeypatch):
+    (tmp_path / "dkim.key").write_text("x")
+    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "dkim.key"), raising=False)
+    text = PLAIN + "[dkim]\nsign_domains = example.com\nselector = s\nprivate_key = dkim.key\n"
+    assert error(tmp_path, text) == "FILE: [dkim] private_key: not readable: %s" % (tmp_path / "dkim.key")
+
+
+BROKEN_DELIVERY = [
+    # [tls] ca_file
+    ("[tls]\nca_file = /nonexistent/ca.pem\n", "FILE: [tls] ca_file: file not found: /nonexistent/ca.pem"),
+    ("[tls]\nca_file = /\n", "FILE: [tls] ca_file: not a file: /"),
+    # [dns]
+    (
+        "[dns]\nnameservers = ns1.example.com\n",
+        "FILE: [dns] nameservers: expected a nameserver address like 192.0.2.53, 192.0.2.53:5353,"
+        " ::1 or [::1]:5353, got 'ns1.example.com'",
+    ),
+    (
+        "[dns]\nnameservers = [192.0.2.53]:53\n",
+        "FILE: [dns] nameservers: expected a nameserver address like 192.0.2.53, 192.0.2.53:5353,"
+        " ::1 or [::1]:5353, got '[192.0.2.53]:53'",
+    ),
+    (
+        "[dns]\nnameservers = 192.0.2.300\n",
+        "FILE: [dns] nameservers: expected a nameserver address like 192.0.2.53, 192.0.2.53:5353,"
+        " ::1 or [::1]:5353, got '192.0.2.300'",
+    ),
+    (
+        "[dns]\nnameservers = 192.0.2.53:0\n",
+        "FILE: [dns] nameservers: expected a port from 1 to 65535, got '192.0.2.53:0'",
+    ),
+    (
+        "[dns]\nnameservers = [::1]:65536\n",
+        "FILE: [dns] nameservers: expected a port from 1 to 65535, got '[::1]:65536'",
+    ),
+    (
+        "[dns]\nnameservers = 127.0.0.1:\n",
+        "FILE: [dns] nameservers: expected a port from 1 to 65535, got '127.0.0.1:'",
+    ),
+    ("[dns]\ntimeout = 0\n", "FILE: [dns] timeout: expected a duration greater than 0, got '0'"),
+    ("[dns]\nretries = 3\n", "FILE: [dns] retries: unknown key"),
+    # [delivery]
+    ("[delivery]\nmx_port = 0\n", "FILE: [delivery] mx_port: expected a port from 1 to 65535, got '0'"),
+    ("[delivery]\nmx_port = 65536\n", "FILE: [delivery] mx_port: expected a port from 1 to 65535, got '65536'"),
+    ("[delivery]\nmx_port = smtp\n", "FILE: [delivery] mx_port: expected a port from 1 to 65535, got 'smtp'"),
+    ("[delivery]\nconcurrency = 0\n", "FILE: [delivery] concurrency: expected an integer >= 1, got '0'"),
+    (
+        "[delivery]\nper_destination_concurrency = -1\n",
+        "FILE: [delivery] per_destination_concurrency: expected an integer >= 1, got '-1'",
+    ),
+    ("[delivery]\nretry =\n", "FILE: [delivery] retry: expected at least one duration like 1m, 5m, 1h, got ''"),
+    (
+        "[delivery]\nretry = 1m, soon\n",
+        "FILE: [delivery] retry: expected a duration like 30s, 5m, 1h or 2d, got 'soon'",
+    ),
+    ("[delivery]\nretry = 1m, 0\n", "FILE: [delivery] retry: expected a duration greater than 0, got '0'"),
+    ("[delivery]\nmax_lifetime = 0\n", "FILE: [delivery] max_lifetime: expected a duration greater than 0, got '0'"),
+    (
+        "[delivery]\ndelay_warning = never\n",
+        "FILE: [delivery] delay_warning: expected a duration like 30s, 5m, 1h or 2d, got 'never'",
+    ),
+    (
+        "[delivery]\nconnect_timeout = 0s\n",
+        "FILE: [delivery] connect_timeout: expected a duration greater than 0, got '0s'",
+    ),
+    # [route:NAME]
+    ("[route:r]\nsmarthost = 127.0.0.1\n", "FILE: [route:r] domains: required, but not set"),
+    (
+        "[route:r]\ndomains =\nsmarthost = 127.0.0.1\n",
+        "FILE: [route:r] domains: expected a list of domains like example.com, .example.com or *, got ''",
+    ),
+    (
+        route(domains="*.example.com"),
+        "FILE: [route:r] domains: expected a domain like example.com, .example.com (its subdomains) or *"
+        " (any other), got '*.example.com' (did you mean '.example.com'?)",
+    ),
+    (
+        route(domains="example.com, mail_hub.example"),
+        "FILE: [route:r] domains: expected a domain like example.com, .example.com (its subdomains) or *"
+        " (any other), got 'mail_hub.example'",
+    ),
+    (
+        route(domains="..example.com"),
+        "FILE: [route:r] domains: expected a domain like example.com, .example.com (its subdomains) or *"
+        " (any other), got '..example.com'",
+    ),
+    (
+        route("a", domains="example.com, .example.com") + route("b", domains="example.org, Example.COM"),
+        "FILE: [route:b] domains: example.com is already in [route:a]",
+    ),
+    (
+        route("a", domains="*", mx="yes") + route("b", domains="example.org") + route("c", domains="*", mx="yes"),
+        "FILE: [route:c] domains: * is already in [route:a]",
+    ),
+    ("[route:r]\ndomains = *\n", "FILE: [route:r] smarthost: required, unless mx = yes"),
+    (route(mx="no"), "FILE: [route:r] smarthost: required, unless mx = yes"),
+    (
+        route(smarthost="127.0.0.1", mx="yes"),
+        "FILE: [route:r] smarthost: not allowed with mx = yes: a route delivers by MX or to smarthosts",
+    ),
+    (
+        route(smarthost="mail_hub.corp.example"),
+        "FILE: [route:r] smarthost: expected a host like mx.example.com, mx.example.com:587, 192.0.2.25"
+        " or [2001:db8::25]:25, got 'mail_hub.corp.example'",
+    ),
+    (
+        route(smarthost="192.0.2.300"),
+        "FILE: [route:r] smarthost: expected a host like mx.example.com, mx.example.com:587, 192.0.2.25"
+        " or [2001:db8::25]:25, got '192.0.2.300'",
+    ),
+    (
+        route(smarthost="[mail.example.com]:25"),
+        "FILE: [route:r] smarthost: expected a host like mx.example.com, mx.example.com:587, 192.0.2.25"
+        " or [2001:db8::25]:25, got '[mail.example.com]:25'",
+    ),
+    (
+        route(smarthost="a.example:25, b.example:0"),
+        "FILE: [route:r] smarthost: expected a port from 1 to 65535, got 'b.example:0'",
+    ),
+    (
+        route(smarthost="a.example:smtp"),
+        "FILE: [route:r] smarthost: expected a port from 1 to 65535, got 'a.example:smtp'",
+    ),
+    (route(mx="maybe"), "FILE: [route:r] mx: expected yes or no, got 'maybe'"),
+    (
+        route(tls="optional"),
+        "FILE: [route:r] tls: expected one of none, opportunistic, required, verify, got 'optional'",
+    ),
+    (route(username="u"), "FILE: [route:r] username: needs password or password_file"),
+    (route(password="p"), "FILE: [route:r] password: needs username"),
+    (route(password_file="/etc/hostname"), "FILE: [route:r] password_file: needs username"),
+    (
+        route(username="u", password="p", password_file="/etc/hostname"),
+        "FILE: [route:r] password_file: not allowed with password: set one of them",
+    ),
+    (
+        route(username="u", password="p", tls="none"),
+        "FILE: [route:r] username: needs tls other than none: credentials are sent only over TLS",
+    ),
+    (
+        route(username="u", password_file="/nonexistent/pw"),
+        "FILE: [route:r] password_file: file not found: /nonexistent/pw",
+    ),
+    (route(username="u", password_file="/"), "FILE: [route:r] password_file: not a file: /"),
+    (
+        route(username="u", password="a\n  b"),
+        "FILE: [route:r] password: expected a single line, got a value continued on the next line",
+    ),
+    (route(dkim_sign="sometimes"), "FILE: [route:r] dkim_sign: expected yes or no, got 'sometimes'"),
+    (route(priority="1"), "FILE: [route:r] priority: unknown key"),
+    (
+        "[route:my route]\ndomains = *\nmx = yes\n",
+        "FILE: [route:my route]: expected [route:NAME], NAME made of letters, digits, '_', '.' and '-'",
+    ),
+    ("[route]\ndomains = *\nmx = yes\n", "FILE: [route]: expected [route:NAME], NAME made of letters, digits, '_', '.' and '-'"),
+    (route("a") + route("a"), "FILE: [route:a]: duplicate section (line 12)"),
+    # [dkim]
+    ("[dkim]\nsign_domains = example.com\n", "FILE: [dkim] selector: required, because sign_domains is set"),
+    (
+        "[dkim]\nsign_domains = example.com\nselector = s\n",
+        "FILE: [dkim] private_key: required, because sign_domains is set",
+    ),
+    (
+        "[dkim]\nsign_domains = example.com\nselector = s\nprivate_key = /nonexistent/dkim.key\n",
+        "FILE: [dkim] private_key: file not found: /nonexistent/dkim.key",
+    ),
+    (
+        "[dkim]\nsign_domains = *.example.com\n",
+        "FILE: [dkim] sign_domains: expected a comma-separated list of domains like example.com,"
+        " got '*.example.com'",
+    ),
+    (
+        "[dkim]\nselector = mail.2024\n",
+        "FILE: [dkim] selector: expected a DNS label like mail2024 (letters, digits and '-'), got 'mail.2024'",
+    ),
+    (
+        "[dkim]\nselector = -s\n",
+        "FILE: [dkim] selector: expected a DNS label like mail2024 (letters, digits and '-'), got '-s'",
+    ),
+    (
+        "[dkim]\nheaders = to, subject\n",
+        "FILE: [dkim] headers: must include from (RFC 6376 requires From to be signed)",
+    ),
+    ("[dkim]\nheaders =\n", "FILE: [dkim] headers: must include from (RFC 6376 requires From to be signed)"),
+    (
+        "[dkim]\nheaders = from, Subject:\n",
+        "FILE: [dkim] headers: expected a list of header names like from, to, subject, got 'Subject:'",
+    ),
+    (
+        "[dkim]\nheaders = from, reply to\n",
+        "FILE: [dkim] headers: expected a list of header names like from, to, subject, got 'reply to'",
+    ),
+]
+
+
+@pytest.mark.parametrize("text, expected", BROKEN_DELIVERY)
+def test_broken_delivery(tmp_path, text, expected):
+    assert error(tmp_path, PLAIN + text) == expected
+
+
+def test_broken_delivery_in_check_config(tmp_path, capsys):
+    from mailgate import cli
+
+    path = write(tmp_path, PLAIN + route(username="u", password="p", tls="none"))
+    assert cli.main(["check-config", path]) == 1
+    expected = "[route:r] username: needs tls other than none: credentials are sent only over TLS"
+    assert capsys.readouterr() == ("", "mailgate: %s: %s\n" % (path, expected))
+
+
+
 # --- rendering ---------------------------------------------------------------------------------
 
 
 def test_render_fills_every_default(tmp_path):
-    text = render_config(load(tmp_path, PLAIN))
+    text = render_config(load(tmp_path, PLAIN + "[route:out]\ndomains = *\nmx = yes\n"))
     for kind, section in SECTIONS.items():
         for key in section.keys:
             assert re.search(r"^%s =" % key, text, re.M), key
@@ -572,6 +979,10 @@ def test_render_fills_every_default(tmp_path):
     assert "\ncommand_timeout = 5m\n" in text
     assert "\npath = /var/spool/mailgate\n" in text
     assert "\ncertificate =\n" in text
+    assert "\n[route:out]\n" in text
+    assert "\nretry = 1m, 5m, 15m, 30m, 1h, 2h, 4h\n" in text
+    assert "\ndelay_warning = 4h\n" in text
+    assert "\nnameservers =\n" in text
 
 
 def test_render_loads_back_the_same(tmp_path):
@@ -591,6 +1002,36 @@ def test_render_loads_back_the_same(tmp_path):
     assert attr.evolve(again, path=original.path) == original
 
 
+def test_render_loads_back_the_delivery_sections(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "dkim.key").write_text("x")
+    (tmp_path / "pw").write_text(" from a file \n")
+    original = load(
+        tmp_path,
+        PLAIN
+        + "[tls]\nca_file = ca.pem\n"
+        + "[dns]\nnameservers = 127.0.0.1, [::1]:5353, 2001:db8::53\ntimeout = 1.5s\n"
+        + "[delivery]\nmx_port = 2525\nconcurrency = 3\nper_destination_concurrency = 2\n"
+        + "retry = 90s, 1h\nmax_lifetime = 36h\ndelay_warning = 0\nconnect_timeout = 7s\n"
+        + route("in", domains="example.com, .example.com", smarthost="[2001:db8::25]:26, a.example",
+                tls="required", username="u", password_file="pw")
+        + route("partner", domains="partner.example", smarthost="192.0.2.1:587", tls="verify",
+                username="p", password="inline", dkim_sign="yes")
+        + route("out", domains="*", mx="yes", tls="none", dkim_sign="no")
+        + "[dkim]\nsign_domains = example.com\nselector = s1\nprivate_key = dkim.key\nheaders = from, to\n",
+    )
+    assert original.routes[0].password == "from a file"
+    other = tmp_path / "other"
+    other.mkdir()
+    text = render_config(original)
+    assert "\n[route:in]\n" in text and "\npassword = from a file\n" in text
+    assert "\nsmarthost = [2001:db8::25]:26, a.example:25\n" in text
+    assert "\nnameservers = 127.0.0.1:53, [::1]:5353, [2001:db8::53]:53\n" in text
+    assert "\ndelay_warning = 0s\n" in text
+    again = load_config(write(other, text))
+    assert attr.evolve(again, path=original.path) == original
+
+
 # --- the shipped example -----------------------------------------------------------------------
 
 
@@ -606,6 +1047,12 @@ def test_example_loads():
     assert config.tls.certificate == os.path.join(REPO, "var", "tls", "cert.pem")
     assert config.tls.generate_self_signed is True
     assert config.auth.users_file == os.path.join(REPO, "etc", "users")
+    assert config.routes == (
+        RouteConfig(name="internal", domains=("example.com",), smarthosts=(("127.0.0.1", 2526),)),
+        RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True),
+    )
+    assert (config.dns, config.delivery, config.dkim) == (DNSConfig(), DeliveryConfig(), DKIMConfig())
+    assert config.tls.ca_file is None
 
 
 def test_example_and_reference_mention_every_key():

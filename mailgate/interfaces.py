@@ -74,3 +74,34 @@ class IUser(Interface):
 
     def may_send_as(address):
         """True when the user may use address (str, possibly "") as MAIL FROM."""
+
+
+class IFilter(Interface):
+    """
+    A step of the filter chain (public API for third-party filters).  A filter provides name and
+    any of the hooks below; each returns a mailgate.verdict.Verdict, or a Deferred firing with
+    one.  A hook that raises or does not answer within [filters] timeout gives 451 4.3.0.
+
+    session (mailgate.session.Session) exposes: id, client_ip, client_port, helo, tls (bool),
+    tls_version, tls_cipher, user (authenticated name or None), listener (name), relay_allowed
+    (authenticated or in relay_ips), sender and recipients (the transaction so far) and
+    transaction, a dict shared by the filters for the current transaction (cleared on RSET and
+    after each message).  message (mailgate.message.Message) has envelope, raw and parsed.
+    """
+
+    name = Attribute("The filter's name, used in logs and verdict records")
+
+    def on_connect(session):
+        """A client connected (before the banner)."""
+
+    def on_helo(session):
+        """The client said EHLO or HELO (session.helo)."""
+
+    def on_mail(session, sender):
+        """MAIL FROM: sender is a mailgate.envelope.Address (null sender: local == domain == "")."""
+
+    def on_rcpt(session, recipient):
+        """RCPT TO: recipient is a mailgate.envelope.Address."""
+
+    def on_data(session, message):
+        """End of data: message is a mailgate.message.Message."""

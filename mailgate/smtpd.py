@@ -13,6 +13,7 @@ import base64
 import binascii
 import datetime
 import email.utils
+import secrets
 
 import attr
 from twisted.internet import defer, protocol
@@ -23,6 +24,7 @@ from mailgate import address, policy
 from mailgate.datascan import DataScanner
 from mailgate.envelope import Envelope, Reply
 from mailgate.errors import ReplyError
+from mailgate.session import Session
 
 log = Logger()
 
@@ -84,6 +86,7 @@ class SMTPServer(smtp.ESMTP):
         self.esmtp = False
         self.tls = factory.listener.tls == "implicit"
         self.user = None
+        self.session = None
         self._reset_transaction()
 
     # -- session facts (read by hooks and, later, filters) -----------------------------------
@@ -100,9 +103,16 @@ class SMTPServer(smtp.ESMTP):
     def listener_name(self):
         return self.listener.name
 
+    def tls_info(self):
+        """(version, cipher) of this session's TLS, or (None, None)."""
+        from mailgate.tls import tls_session_info
+
+        return tls_session_info(self.transport) if self.tls else (None, None)
+
     # -- connection --------------------------------------------------------------------------
 
     def connectionMade(self):
+        self.session = Session(self, secrets.token_hex(6))
         self._arm("session", self.limits.session_timeout, "session time limit exceeded")
         if not policy.client_allowed(self.listener, self.client_ip):
             log.info("refused {client} on {listener}: not in allowed_ips",
@@ -266,7 +276,7 @@ class SMTPServer(smtp.ESMTP):
         hooks = self.factory.hooks
         if hooks is None or not hasattr(hooks, name):
             return defer.succeed(None)
-        return defer.maybeDeferred(getattr(hooks, name), self, *args)
+        return defer.maybeDeferred(getattr(hooks, name), self.session, *args)
 
     def _then(self, d, on_ok):
         """Continue with on_ok() unless the hook answered with a failure reply."""
@@ -502,23 +512,32 @@ class SMTPServer(smtp.ESMTP):
             self._reset_transaction()
             return self._error(reply)
         envelope = self._envelope(scanner.size)
-        data = self._received_header(envelope) + scanner.message()
-        envelope = attr.evolve(envelope, size=len(data))
-        d = self._hook("on_data", envelope, data)
-        d.addCallback(self._queue, envelope, data)
+        message = scanner.message()
+        d = self._hook("on_data", envelope, message)
+        d.addCallback(self._queue, envelope, message)
         d.addErrback(self._queue_failed, envelope)
         d.addBoth(self._after_message)
         return d
 
-    def _queue(self, reply, envelope, data):
-        if reply is not None and not reply.is_positive:
-            return self._answer(reply)
-        d = self.factory.queue.enqueue(envelope, data)
+    def _queue(self, result, envelope, message):
+        """result: None (queue as is), a failure Reply, or a DataResult from the filter chain."""
+        if isinstance(result, Reply):
+            if not result.is_positive:
+                return self._answer(result)
+            result = None
+        state = "active"
+        if result is not None:
+            message, state = result.data, result.state
+            envelope = attr.evolve(envelope, verdicts=result.verdicts)
+        data = self._received_header(envelope) + message
+        envelope = attr.evolve(envelope, size=len(data))
+        d = self.factory.queue.enqueue(envelope, data, state)
 
         def queued(queue_id):
-            log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client}",
-                     queue_id=queue_id, sender=envelope.sender, nrcpt=len(envelope.recipients),
-                     size=envelope.size, client=envelope.client_ip)
+            log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client} "
+                     "state={state}", queue_id=queue_id, sender=envelope.sender,
+                     nrcpt=len(envelope.recipients), size=envelope.size, client=envelope.client_ip,
+                     state=state, session=self.session.id)
             self._reply(R(250, "2.0.0", "Ok: queued as %s" % (queue_id,)))
 
         return d.addCallback(queued)
@@ -532,9 +551,7 @@ class SMTPServer(smtp.ESMTP):
         return result
 
     def _envelope(self, size):
-        from mailgate.tls import tls_session_info
-
-        version, cipher = tls_session_info(self.transport) if self.tls else (None, None)
+        version, cipher = self.tls_info()
         return Envelope(
             queue_id=self.factory.new_queue_id(), sender=str(self.sender),
             recipients=tuple(self.recipients), client_ip=self.client_ip,
@@ -587,6 +604,8 @@ class SMTPServer(smtp.ESMTP):
         self.sender = None
         self.recipients = []
         self.body_type = "7BIT"
+        if self.session is not None:
+            self.session.transaction.clear()
 
 
 class Gate:
@@ -625,7 +644,9 @@ class SMTPFactory(protocol.ServerFactory):
 
     hooks is the seam for the filter chain: an object with any of on_connect(session),
     on_helo(session), on_mail(session, sender), on_rcpt(session, recipient),
-    on_data(session, envelope, data), each returning None or a Reply (or a Deferred of one).
+    on_data(session, envelope, message), each returning None or a Reply (or a Deferred of one);
+    on_data may also return a mailgate.verdict.DataResult (the bytes to queue and their state).
+    session is a mailgate.session.Session; message excludes our Received header.
     """
 
     protocol = SMTPServer

@@ -654,6 +654,45 @@ class HookTests(unittest.TestCase):
         self.assertTrue(s.closed)
 
 
+class DataResultTests(unittest.TestCase):
+    def test_filter_result_replaces_bytes_and_sets_state(self):
+        from mailgate.verdict import DataResult
+
+        seen = []
+
+        class Tagger:
+            def on_data(self, session, envelope, message):
+                seen.append((session.client_ip, session.helo, session.listener, message))
+                return DataResult(b"X-Tag: yes\r\n" + message, state="quarantine",
+                                  verdicts=[("tagger", "quarantine")])
+
+        s = Session(listener(), hooks=Tagger())
+        s.read()
+        s.cmd("EHLO c.example")
+        self.assertEqual(send_message(s), "250 2.0.0 Ok: queued as Q0001\r\n")
+        self.assertEqual(seen, [("192.0.2.10", "c.example", "test", b"Subject: hi\r\n\r\nhello\r\n")])
+        envelope, data = s.queue.messages["Q0001"]
+        self.assertEqual(s.queue.where["Q0001"], "quarantine")
+        self.assertTrue(data.startswith(b"Received: from c.example"))
+        self.assertIn(b"\r\nX-Tag: yes\r\nSubject: hi\r\n", data)
+        self.assertEqual(envelope.verdicts, (("tagger", "quarantine"),))
+        self.assertEqual(envelope.size, len(data))
+
+    def test_transaction_dict_cleared_between_messages(self):
+        class Counter:
+            def on_mail(self, session, sender):
+                session.transaction["n"] = session.transaction.get("n", 0) + 1
+                self.last = dict(session.transaction)
+
+        hooks = Counter()
+        s = Session(listener(), hooks=hooks)
+        s.read()
+        s.cmd("EHLO c.example")
+        send_message(s)
+        send_message(s)
+        self.assertEqual(hooks.last, {"n": 1})
+
+
 class SlowHooks:
     """MAIL and RCPT checks that answer only when the test says so."""
 

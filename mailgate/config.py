@@ -78,6 +78,9 @@ class ListenerConfig:
     max_message_size = attr.ib(default=35 * 1024 * 1024)
     max_recipients = attr.ib(default=100)
     limits = attr.ib(factory=Limits)
+    # Filter names in order: built-in ("spf", "dkim", "dmarc", "attachments") or dotted paths.
+    # Default: spf, dkim, dmarc, attachments for relay; attachments for submission.
+    filters = attr.ib(default=("attachments",))
 
 
 @attr.s(frozen=True, slots=True)
@@ -122,6 +125,61 @@ class DKIMConfig:
 
 
 @attr.s(frozen=True, slots=True)
+class FiltersConfig:
+    timeout = attr.ib(default=30.0)
+
+
+@attr.s(frozen=True, slots=True)
+class FilterSection:
+    """[filter:NAME]: options for the filter named NAME in a listener's filters (dotted or not)."""
+
+    name = attr.ib()
+    options = attr.ib(default=())  # tuple of (key, str value) pairs, in file order
+
+
+@attr.s(frozen=True, slots=True)
+class SPFConfig:
+    reject_fail = attr.ib(default=False)
+    tempfail_on_error = attr.ib(default=False)
+    reject_permerror = attr.ib(default=False)
+    check_internal = attr.ib(default=False)
+
+
+@attr.s(frozen=True, slots=True)
+class DMARCConfig:
+    enforce = attr.ib(default=False)
+    quarantine_action = attr.ib(default="quarantine")  # "quarantine" | "tag"
+    tempfail_on_error = attr.ib(default=False)
+    check_internal = attr.ib(default=False)
+
+
+DEFAULT_BLOCKED_EXTENSIONS = (
+    "ade", "adp", "app", "appx", "appxbundle", "application", "bas", "bat", "cab", "chm", "cmd",
+    "com", "cpl", "dll", "docm", "dotm", "exe", "gadget", "hta", "img", "inf", "ins", "iso", "isp",
+    "jar", "js", "jse", "lnk", "mde", "msc", "msi", "msix", "msp", "mst", "one", "pif", "potm",
+    "ppam", "ppsm", "pptm", "ps1", "ps1xml", "ps2", "psc1", "psd1", "psm1", "reg", "scf", "scr",
+    "sct", "shb", "shs", "sldm", "url", "vb", "vbe", "vbs", "vhd", "vhdx", "ws", "wsc", "wsf",
+    "wsh", "xlam", "xll", "xlsm", "xltm",
+)
+
+
+@attr.s(frozen=True, slots=True)
+class AttachmentsConfig:
+    blocked_extensions = attr.ib(default=DEFAULT_BLOCKED_EXTENSIONS)  # lower-case, no dot
+    blocked_mime_types = attr.ib(default=())  # lower-case "type/subtype" or "type/*"
+    detect_executables = attr.ib(default=True)
+    action = attr.ib(default="reject")  # "reject" | "quarantine" | "strip"
+    max_archive_depth = attr.ib(default=3)
+    max_archive_members = attr.ib(default=1000)
+    max_expanded_size = attr.ib(default=100 * 1024 * 1024)
+    max_compression_ratio = attr.ib(default=100)
+    encrypted_archives = attr.ib(default="reject")  # "allow" | "reject"
+    max_mime_depth = attr.ib(default=20)
+    max_parts = attr.ib(default=500)
+    malformed = attr.ib(default="reject")  # "reject" | "accept"
+
+
+@attr.s(frozen=True, slots=True)
 class Config:
     path = attr.ib()  # absolute path of the ini file it came from
     gateway = attr.ib()
@@ -134,6 +192,11 @@ class Config:
     delivery = attr.ib(factory=DeliveryConfig)
     routes = attr.ib(default=())  # tuple of RouteConfig, in file order
     dkim = attr.ib(factory=DKIMConfig)
+    filters = attr.ib(factory=FiltersConfig)
+    filter_sections = attr.ib(default=())  # tuple of FilterSection
+    spf = attr.ib(factory=SPFConfig)
+    dmarc = attr.ib(factory=DMARCConfig)
+    attachments = attr.ib(factory=AttachmentsConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +217,21 @@ def _items(text):
 @attr.s(frozen=True)
 class Int:
     minimum = attr.ib(default=None)
+    maximum = attr.ib(default=None)
 
     def parse(self, text, base):
         if not re.fullmatch(r"[+-]?[0-9]+", text):
             raise _expected("an integer", text)
-        if self.minimum is not None and int(text) < self.minimum:
+        value = int(text)
+        too_small = self.minimum is not None and value < self.minimum
+        too_big = self.maximum is not None and value > self.maximum
+        if (too_small or too_big) and None not in (self.minimum, self.maximum):
+            raise _expected("an integer from %d to %d" % (self.minimum, self.maximum), text)
+        if too_small:
             raise _expected("an integer >= %d" % self.minimum, text)
-        return int(text)
+        if too_big:
+            raise _expected("an integer <= %d" % self.maximum, text)
+        return value
 
     def render(self, value):
         return str(value)
@@ -578,6 +649,88 @@ class SecretFile:
         return ""  # the secret itself is rendered by the key it stands for
 
 
+BUILTIN_FILTERS = ("spf", "dkim", "dmarc", "attachments")
+DEFAULT_FILTERS = {"relay": BUILTIN_FILTERS, "submission": ("attachments",)}
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED_PATH = re.compile(r"%s(?:\.%s)+" % (_IDENTIFIER, _IDENTIFIER))
+
+
+@attr.s(frozen=True)
+class FilterList:
+    """
+    A tuple of filter names in order, each once: a built-in (any case, kept lower-case) or the
+    dotted path of a class (package.module.ClassName, kept as written; not imported here).
+    Empty: no filters.
+    """
+
+    def parse(self, text, base):
+        names = []
+        for item in _items(text):
+            name = item.lower() if item.lower() in BUILTIN_FILTERS else item
+            if name not in BUILTIN_FILTERS and not _DOTTED_PATH.fullmatch(name):
+                what = "a filter name: %s, or a dotted path like package.module.ClassName"
+                error = _expected(what % ", ".join(BUILTIN_FILTERS), item)
+                if item.lower() == "none":
+                    error = ValueError("%s (for no filters, leave the value empty)" % error)
+                raise error
+            if name in names:
+                raise ValueError("%s is listed twice" % name)
+            names.append(name)
+        return tuple(names)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+_EXTENSION = re.compile(r"[a-z0-9_+-]+")
+
+
+@attr.s(frozen=True)
+class ExtensionList:
+    """
+    A tuple of lower-case file name extensions without their dot (a leading dot is dropped),
+    duplicates dropped, order kept.  Empty, or none alone: no extension.  In a list, none is a
+    mistake; the extension is written .none.
+    """
+
+    def parse(self, text, base):
+        if text.strip().lower() == "none":
+            return ()
+        extensions = []
+        for item in _items(text):
+            extension = item.lower()[1:] if item.startswith(".") else item.lower()
+            if not _EXTENSION.fullmatch(extension) or item.lower() == "none":
+                raise _expected("none, or a list of file name extensions like exe, .js, docm", item)
+            if extension not in extensions:
+                extensions.append(extension)
+        return tuple(extensions)
+
+    def render(self, value):
+        return ", ".join(value) if value else "none"
+
+
+_MIME_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"  # RFC 6838 restricted-name
+_MIME_TYPE = re.compile(r"%s/(?:%s|\*)" % (_MIME_NAME, _MIME_NAME))
+
+
+@attr.s(frozen=True)
+class MimeTypeList:
+    """A tuple of lower-case "type/subtype" or "type/*", duplicates dropped, order kept."""
+
+    def parse(self, text, base):
+        types = []
+        for item in _items(text):
+            if not _MIME_TYPE.fullmatch(item.lower()):
+                what = "a list of MIME types like application/x-msdownload or application/*"
+                raise _expected(what, item)
+            if item.lower() not in types:
+                types.append(item.lower())
+        return tuple(types)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The schema: one table per section of key -> Key(kind, default).  A default is the text of a
 # value, or a callable (values of this section so far, config values built so far) -> value.
@@ -598,7 +751,9 @@ class Section:
     """
     How ini sections become one Config field.  A named section is written [KIND:NAME] any number
     of times and becomes a tuple; build(name, values) makes the value, flatten(value) undoes it
-    (-> (name, values)) for render_config; check(values) -> (key, message) or None.
+    (-> (name, values)) for render_config; check(values) -> (key, message) or None.  A section
+    with any_keys takes keys that are not in keys (none is then): its values are the given str
+    values, in file order.
     """
 
     field = attr.ib()
@@ -607,6 +762,7 @@ class Section:
     flatten = attr.ib()
     check = attr.ib(default=None)
     named = attr.ib(default=False)
+    any_keys = attr.ib(default=False)
 
 
 def _plain(field, cls, keys, check=None):
@@ -678,6 +834,7 @@ LISTENER_KEYS = {
     "relay_ips": Key(NetworkList(), ""),
     "max_message_size": Key(Size(), _inherit("gateway", "max_message_size")),
     "max_recipients": Key(Int(1), "100"),
+    "filters": Key(FilterList(), lambda values, built: DEFAULT_FILTERS[values["role"]]),
 }
 LISTENER_KEYS.update(
     {key: Key(spec.kind, _inherit("limits", key)) for key, spec in LIMITS_KEYS.items()}
@@ -779,6 +936,48 @@ def _check_dkim_section(values):
     return None
 
 
+FILTERS_KEYS = {
+    "timeout": Key(Duration(), "30s"),
+}
+
+
+def _build_filter_section(name, values):
+    return FilterSection(name=name, options=tuple(values.items()))
+
+
+def _flatten_filter_section(section):
+    return section.name, dict(section.options)
+
+
+SPF_KEYS = {
+    "reject_fail": Key(Bool(), "no"),
+    "tempfail_on_error": Key(Bool(), "no"),
+    "reject_permerror": Key(Bool(), "no"),
+    "check_internal": Key(Bool(), "no"),
+}
+
+DMARC_KEYS = {
+    "enforce": Key(Bool(), "no"),
+    "quarantine_action": Key(Choice(("quarantine", "tag")), "quarantine"),
+    "tempfail_on_error": Key(Bool(), "no"),
+    "check_internal": Key(Bool(), "no"),
+}
+
+ATTACHMENTS_KEYS = {
+    "blocked_extensions": Key(ExtensionList(), ", ".join(DEFAULT_BLOCKED_EXTENSIONS)),
+    "blocked_mime_types": Key(MimeTypeList(), ""),
+    "detect_executables": Key(Bool(), "yes"),
+    "action": Key(Choice(("reject", "quarantine", "strip")), "reject"),
+    "max_archive_depth": Key(Int(0, 10), "3"),
+    "max_archive_members": Key(Int(1), "1000"),
+    "max_expanded_size": Key(Size(), "100M"),
+    "max_compression_ratio": Key(Int(2), "100"),
+    "encrypted_archives": Key(Choice(("allow", "reject")), "reject"),
+    "max_mime_depth": Key(Int(1), "20"),
+    "max_parts": Key(Int(1), "500"),
+    "malformed": Key(Choice(("reject", "accept")), "reject"),
+}
+
 SECTIONS = {
     "gateway": _plain("gateway", GatewayConfig, GATEWAY_KEYS),
     "limits": _plain("limits", Limits, LIMITS_KEYS),
@@ -792,6 +991,14 @@ SECTIONS = {
     "delivery": _plain("delivery", DeliveryConfig, DELIVERY_KEYS),
     "route": Section("routes", ROUTE_KEYS, _build_route, _flatten_route, _check_route, named=True),
     "dkim": _plain("dkim", DKIMConfig, DKIM_KEYS, _check_dkim_section),
+    "filters": _plain("filters", FiltersConfig, FILTERS_KEYS),
+    "spf": _plain("spf", SPFConfig, SPF_KEYS),
+    "dmarc": _plain("dmarc", DMARCConfig, DMARC_KEYS),
+    "attachments": _plain("attachments", AttachmentsConfig, ATTACHMENTS_KEYS),
+    "filter": Section(
+        "filter_sections", {}, _build_filter_section, _flatten_filter_section, named=True,
+        any_keys=True,
+    ),
 }
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -895,6 +1102,8 @@ def _classify(path, name):
 def _values(path, base, parser, name, section, built):
     """The typed values of one section (all defaults filled in), checked."""
     given = dict(parser.items(name, raw=True)) if parser.has_section(name) else {}
+    if section.any_keys:
+        return given  # keys lower-cased by configparser, in file order; values str as written
     for key in given:
         if key not in section.keys:
             raise ConfigError(path, name, key, "unknown key")
@@ -1003,7 +1212,21 @@ def _file_problem(filename):
     return None
 
 
-CHECKS = [_check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim]
+def _check_filter_sections(path, config):
+    """A [filter:NAME] is for a filter some listener uses, and never for a built-in one."""
+    used = {name for listener in config.listeners for name in listener.filters}
+    for section in config.filter_sections:
+        if section.name.lower() in BUILTIN_FILTERS:
+            message = "built-in filters are configured in [spf], [dmarc], [attachments]"
+            raise ConfigError(path, "filter:" + section.name, None, message)
+        if section.name not in used:
+            message = "not used by any listener's filters"
+            raise ConfigError(path, "filter:" + section.name, None, message)
+
+
+CHECKS = [
+    _check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim, _check_filter_sections,
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,6 +1235,7 @@ CHECKS = [_check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim]
 
 
 SECRET_KEYS = ("password",)
+SECRET_OPTION_WORDS = ("password", "secret", "token")  # in a [filter:NAME] key: hidden
 HIDDEN = "<hidden>"
 
 
@@ -1030,9 +1254,19 @@ def render_config(config, show_secrets=False):
         for one in value if section.named else [value]:
             name, values = section.flatten(one)
             lines += ["", "[%s]" % (kind if name is None else "%s:%s" % (kind, name))]
+            if section.any_keys:
+                for key, text in values.items():
+                    secret = any(word in key for word in SECRET_OPTION_WORDS)
+                    lines.append(_line(key, HIDDEN if secret and not show_secrets else text))
+                continue
             for key, spec in section.keys.items():
                 text = spec.kind.render(values[key])
                 if key in SECRET_KEYS and values[key] is not None and not show_secrets:
                     text = HIDDEN
-                lines.append(("%s = %s" % (key, text)).rstrip())
+                lines.append(_line(key, text))
     return "\n".join(lines) + "\n"
+
+
+def _line(key, text):
+    """key = text; a value of several lines continues on indented lines."""
+    return ("%s = %s" % (key, text.replace("\n", "\n    "))).rstrip()

@@ -9,17 +9,24 @@ import pytest
 
 import mailgate.config as config_module
 from mailgate.config import (
+    DEFAULT_BLOCKED_EXTENSIONS,
     SECTIONS,
+    AttachmentsConfig,
     AuthConfig,
     Config,
     DeliveryConfig,
     DKIMConfig,
+    DMARCConfig,
     DNSConfig,
+    FiltersConfig,
+    FilterSection,
     GatewayConfig,
+    Int,
     Limits,
     ListenerConfig,
     QueueConfig,
     RouteConfig,
+    SPFConfig,
     TLSConfig,
     load_config,
     render_config,
@@ -70,11 +77,19 @@ def test_defaults_match_the_config_classes(tmp_path):
     assert config.tls == TLSConfig()
     assert config.auth == AuthConfig()
     [listener] = config.listeners
-    assert listener == ListenerConfig(name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none")
+    assert listener == ListenerConfig(
+        name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none",
+        filters=("spf", "dkim", "dmarc", "attachments"),  # the relay default; the attrs one is submission's
+    )
     assert config.dns == DNSConfig()
     assert config.delivery == DeliveryConfig()
     assert config.routes == ()  # allowed: then every recipient bounces "no route"
     assert config.dkim == DKIMConfig()
+    assert config.filters == FiltersConfig()
+    assert config.filter_sections == ()
+    assert config.spf == SPFConfig()
+    assert config.dmarc == DMARCConfig()
+    assert config.attachments == AttachmentsConfig()
     assert config.path == os.path.join(str(tmp_path), "mailgate.ini")
 
 
@@ -1056,6 +1071,22 @@ def test_example_loads():
     )
     assert (config.dns, config.delivery, config.dkim) == (DNSConfig(), DeliveryConfig(), DKIMConfig())
     assert config.tls.ca_file is None
+    assert [l.filters for l in config.listeners] == [("spf", "dkim", "dmarc", "attachments"), ("attachments",)]
+    assert (config.filters, config.filter_sections) == (FiltersConfig(), ())
+    assert (config.spf, config.dmarc, config.attachments) == (SPFConfig(), DMARCConfig(), AttachmentsConfig())
+
+
+def test_example_shows_the_filters_default_of_each_listener():
+    """Each example listener has a commented filters line with its role's default."""
+    with open(os.path.join(REPO, "etc", "mailgate.ini"), encoding="utf-8") as f:
+        example = f.read()
+    config = load_config(os.path.join(REPO, "etc", "mailgate.ini"))
+    for listener in config.listeners:
+        section = example[example.index("[listener:%s]" % listener.name):]
+        section = section[:section.index("\n[", 1)]
+        assert "\n#filters = %s\n" % ", ".join(listener.filters) in section, listener.name
+    # The default extension list is far too long to repeat, and must not be frozen uncommented.
+    assert not re.search(r"^blocked_extensions", example, re.M)
 
 
 def test_example_and_reference_mention_every_key():
@@ -1100,3 +1131,377 @@ def test_readme_exchange_example_loads(tmp_path):
     assert [l.name for l in config.listeners] == ["internet", "exchange", "submission"]
     assert [r.name for r in config.routes] == ["exchange", "internet"]
     assert config.routes[1].dkim_sign and not config.routes[0].dkim_sign
+
+
+# --- filters: [listener:NAME] filters, [filters], [filter:NAME], [spf], [dmarc], [attachments] ---
+
+SUBMISSION = "[listener:sub]\nendpoint = tcp:2587\nrole = submission\ntls = none\nauth = none\n"
+GREYLIST = "mycompany.filters.Greylist"
+
+
+def with_filters(filters, text=""):
+    """PLAIN whose listener has filters = FILTERS, then TEXT."""
+    return PLAIN + "filters = %s\n" % filters + text
+
+
+def test_filters_default_by_role(tmp_path):
+    config = load(tmp_path, PLAIN + SUBMISSION)
+    relay, sub = config.listeners
+    assert relay.filters == ("spf", "dkim", "dmarc", "attachments")
+    assert sub.filters == ("attachments",) == ListenerConfig(name="s", endpoint="", role="", tls="", auth="").filters
+    assert isinstance(relay.filters, tuple)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("", ()),
+        ("attachments", ("attachments",)),
+        ("SPF, Dkim,\n  DMARC", ("spf", "dkim", "dmarc")),
+        ("dmarc", ("dmarc",)),  # without spf and dkim before it: allowed (it fails alignment)
+        ("dmarc, spf, dkim", ("dmarc", "spf", "dkim")),  # order kept as written
+        (GREYLIST + ", spf", (GREYLIST, "spf")),
+        ("a.B, a.b, _x.y_2.Z3", ("a.B", "a.b", "_x.y_2.Z3")),  # dotted paths keep their case
+        ("spf.Filter", ("spf.Filter",)),  # a dotted path, not the built-in
+        (" spf ,, attachments, ", ("spf", "attachments")),
+    ],
+)
+def test_filters(tmp_path, text, value):
+    config = load(tmp_path, with_filters(text))
+    assert config.listeners[0].filters == value
+
+
+def test_submission_filters_may_be_set(tmp_path):
+    config = load(tmp_path, PLAIN + SUBMISSION + "filters = spf, dkim, dmarc, attachments\n")
+    assert config.listeners[1].filters == ("spf", "dkim", "dmarc", "attachments")
+
+
+def test_filter_paths_are_not_imported(tmp_path):
+    config = load(tmp_path, with_filters("no_such_package.nowhere.Nothing"))
+    assert config.listeners[0].filters == ("no_such_package.nowhere.Nothing",)
+
+
+def test_filters_timeout(tmp_path):
+    assert load(tmp_path, PLAIN + "[filters]\ntimeout = 1m\n").filters == FiltersConfig(timeout=60.0)
+    assert load(tmp_path, PLAIN + "[filters]\ntimeout = 2.5\n").filters.timeout == 2.5
+
+
+def test_filter_section_options_in_file_order(tmp_path):
+    config = load(
+        tmp_path,
+        with_filters(
+            "spf, %s, other.Filter" % GREYLIST,
+            "[filter:%s]\nZeta = 1\nalpha = two words  # a comment\nDelay = 5m\nempty =\n"
+            "list = a,\n  b\nodd = %%(x)s;#x\n" % GREYLIST + "[filter:other.Filter]\n",
+        ),
+    )
+    greylist, other = config.filter_sections
+    assert greylist == FilterSection(
+        name=GREYLIST,
+        options=(
+            ("zeta", "1"), ("alpha", "two words"), ("delay", "5m"), ("empty", ""), ("list", "a,\nb"),
+            ("odd", "%(x)s;#x"),
+        ),
+    )
+    assert other == FilterSection(name="other.Filter", options=())
+    assert isinstance(greylist.options, tuple) and all(isinstance(pair, tuple) for pair in greylist.options)
+
+
+def test_filter_sections_keep_file_order_and_may_serve_any_listener(tmp_path):
+    text = (
+        with_filters("b.B")
+        + SUBMISSION + "filters = a.A, b.B\n"
+        + "[filter:b.B]\nx = 1\n[filter:a.A]\ny = 2\n"
+    )
+    assert [s.name for s in load(tmp_path, text).filter_sections] == ["b.B", "a.A"]
+
+
+def test_spf(tmp_path):
+    text = PLAIN + "[spf]\nreject_fail = yes\ntempfail_on_error = on\nreject_permerror = true\ncheck_internal = 1\n"
+    assert load(tmp_path, text).spf == SPFConfig(
+        reject_fail=True, tempfail_on_error=True, reject_permerror=True, check_internal=True
+    )
+
+
+def test_dmarc(tmp_path):
+    text = PLAIN + "[dmarc]\nenforce = yes\nquarantine_action = Tag\ntempfail_on_error = yes\ncheck_internal = yes\n"
+    assert load(tmp_path, text).dmarc == DMARCConfig(
+        enforce=True, quarantine_action="tag", tempfail_on_error=True, check_internal=True
+    )
+
+
+def test_dmarc_without_spf_and_dkim_is_allowed(tmp_path):
+    config = load(tmp_path, with_filters("attachments, dmarc", "[dmarc]\nenforce = yes\n"))
+    assert config.listeners[0].filters == ("attachments", "dmarc") and config.dmarc.enforce
+
+
+def test_attachments(tmp_path):
+    config = load(
+        tmp_path,
+        PLAIN
+        + "[attachments]\nblocked_extensions = .EXE, js, .Js, ps1,\n  7z, c++, tar_x, a-b\n"
+        + "blocked_mime_types = Application/X-MSDownload, image/*, application/vnd.ms-excel.sheet.macroEnabled.12,"
+        + " image/*\n"
+        + "detect_executables = no\naction = Strip\nmax_archive_depth = 0\nmax_archive_members = 1\n"
+        + "max_expanded_size = 1G\nmax_compression_ratio = 2\nencrypted_archives = allow\n"
+        + "max_mime_depth = 1\nmax_parts = 1\nmalformed = accept\n",
+    )
+    assert config.attachments == AttachmentsConfig(
+        blocked_extensions=("exe", "js", "ps1", "7z", "c++", "tar_x", "a-b"),
+        blocked_mime_types=("application/x-msdownload", "image/*", "application/vnd.ms-excel.sheet.macroenabled.12"),
+        detect_executables=False,
+        action="strip",
+        max_archive_depth=0,
+        max_archive_members=1,
+        max_expanded_size=1024**3,
+        max_compression_ratio=2,
+        encrypted_archives="allow",
+        max_mime_depth=1,
+        max_parts=1,
+        malformed="accept",
+    )
+
+
+def test_attachments_defaults(tmp_path):
+    attachments = load(tmp_path, PLAIN).attachments
+    assert attachments.blocked_extensions == DEFAULT_BLOCKED_EXTENSIONS
+    assert "exe" in attachments.blocked_extensions and attachments.blocked_mime_types == ()
+    assert attachments.max_expanded_size == 100 * 1024 * 1024
+
+
+@pytest.mark.parametrize("text", ["none", "NONE", " None ", ""])
+def test_no_blocked_extensions(tmp_path, text):
+    config = load(tmp_path, PLAIN + "[attachments]\nblocked_extensions = %s\n" % text)
+    assert config.attachments.blocked_extensions == ()
+
+
+def test_the_extension_none_is_written_with_its_dot(tmp_path):
+    config = load(tmp_path, PLAIN + "[attachments]\nblocked_extensions = .none, exe\n")
+    assert config.attachments.blocked_extensions == ("none", "exe")
+
+
+def test_max_archive_depth_bounds(tmp_path):
+    for depth in (0, 10):
+        config = load(tmp_path, PLAIN + "[attachments]\nmax_archive_depth = %d\n" % depth)
+        assert config.attachments.max_archive_depth == depth
+
+
+def test_int_bounds():
+    assert Int(0, 10).parse("7", "/") == 7
+    with pytest.raises(ValueError, match=r"^expected an integer <= 5, got '6'$"):
+        Int(maximum=5).parse("6", "/")
+    with pytest.raises(ValueError, match=r"^expected an integer >= 2, got '1'$"):
+        Int(2).parse("1", "/")
+
+
+BROKEN_FILTERS = [
+    # [listener:NAME] filters
+    (
+        with_filters("greylist"),
+        "FILE: [listener:mx] filters: expected a filter name: spf, dkim, dmarc, attachments, or a dotted path"
+        " like package.module.ClassName, got 'greylist'",
+    ),
+    (
+        with_filters("none"),
+        "FILE: [listener:mx] filters: expected a filter name: spf, dkim, dmarc, attachments, or a dotted path"
+        " like package.module.ClassName, got 'none' (for no filters, leave the value empty)",
+    ),
+    (
+        with_filters("spf dkim"),
+        "FILE: [listener:mx] filters: expected a filter name: spf, dkim, dmarc, attachments, or a dotted path"
+        " like package.module.ClassName, got 'spf dkim'",
+    ),
+    *[
+        (
+            with_filters("spf, " + name),
+            "FILE: [listener:mx] filters: expected a filter name: spf, dkim, dmarc, attachments, or a dotted"
+            " path like package.module.ClassName, got %r" % name,
+        )
+        for name in ["mycompany..Greylist", ".filters.Greylist", "filters.Greylist.", "filters.1Greylist",
+                     "my-company.Greylist", "filters:Greylist", "filters/Greylist", "filtres.Grey list",
+                     "mycompany.filters.Greylist()", "spf.", "é.Filtre"]
+    ],
+    (with_filters("spf, dkim, SPF"), "FILE: [listener:mx] filters: spf is listed twice"),
+    (with_filters("%s, spf, %s" % (GREYLIST, GREYLIST)), "FILE: [listener:mx] filters: %s is listed twice" % GREYLIST),
+    (PLAIN + SUBMISSION + "filters = attachments, attachments\n", "FILE: [listener:sub] filters: attachments is listed twice"),
+    # [filters]
+    (PLAIN + "[filters]\ntimeout = 0\n", "FILE: [filters] timeout: expected a duration greater than 0, got '0'"),
+    (PLAIN + "[filters]\ntimeout = soon\n", "FILE: [filters] timeout: expected a duration like 30s, 5m, 1h or 2d, got 'soon'"),
+    (PLAIN + "[filters]\norder = spf\n", "FILE: [filters] order: unknown key"),
+    (PLAIN + "[filters:x]\n", "FILE: [filters:x]: unknown section"),
+    # [filter:NAME]
+    (
+        PLAIN + "[filter:%s]\ndelay = 5m\n" % GREYLIST,
+        "FILE: [filter:mycompany.filters.Greylist]: not used by any listener's filters",
+    ),
+    (
+        with_filters("spf, mycompany.filters.Greylist", "[filter:mycompany.filters.greylist]\n"),
+        "FILE: [filter:mycompany.filters.greylist]: not used by any listener's filters",
+    ),
+    (with_filters("", "[filter:greylist]\nx = 1\n"), "FILE: [filter:greylist]: not used by any listener's filters"),
+    *[
+        (
+            with_filters("spf, dkim, dmarc, attachments", "[filter:%s]\nx = 1\n" % name),
+            "FILE: [filter:%s]: built-in filters are configured in [spf], [dmarc], [attachments]" % name,
+        )
+        for name in ["spf", "dkim", "dmarc", "attachments", "Attachments"]
+    ],
+    (with_filters("", "[filter:spf]\n"), "FILE: [filter:spf]: built-in filters are configured in [spf], [dmarc], [attachments]"),
+    (PLAIN + "[filter]\nx = 1\n", "FILE: [filter]: expected [filter:NAME], NAME made of letters, digits, '_', '.' and '-'"),
+    (
+        PLAIN + "[filter:my filter]\nx = 1\n",
+        "FILE: [filter:my filter]: expected [filter:NAME], NAME made of letters, digits, '_', '.' and '-'",
+    ),
+    (
+        with_filters("a.B", "[filter:a.B]\nx = 1\n[filter:a.B]\ny = 2\n"),
+        "FILE: [filter:a.B]: duplicate section (line 12)",
+    ),
+    (with_filters("a.B", "[filter:a.B]\nx = 1\nX = 2\n"), "FILE: [filter:a.B] x: duplicate key (line 12)"),
+    # [spf]
+    (PLAIN + "[spf]\nreject_fail = maybe\n", "FILE: [spf] reject_fail: expected yes or no, got 'maybe'"),
+    (PLAIN + "[spf]\nreject_softfail = yes\n", "FILE: [spf] reject_softfail: unknown key"),
+    # [dmarc]
+    (
+        PLAIN + "[dmarc]\nquarantine_action = reject\n",
+        "FILE: [dmarc] quarantine_action: expected one of quarantine, tag, got 'reject'",
+    ),
+    (PLAIN + "[dmarc]\nenforce = always\n", "FILE: [dmarc] enforce: expected yes or no, got 'always'"),
+    # [attachments]
+    *[
+        (
+            PLAIN + "[attachments]\nblocked_extensions = exe, %s\n" % item,
+            "FILE: [attachments] blocked_extensions: expected none, or a list of file name extensions like exe,"
+            " .js, docm, got %r" % item,
+        )
+        for item in ["tar.gz", "..exe", ".", "*.exe", "ex e", "none", "exé"]
+    ],
+    *[
+        (
+            PLAIN + "[attachments]\nblocked_mime_types = image/*, %s\n" % item,
+            "FILE: [attachments] blocked_mime_types: expected a list of MIME types like application/x-msdownload"
+            " or application/*, got %r" % item,
+        )
+        for item in ["application", "*/*", "*/exe", "application/", "/x", "application/x-ms download",
+                     "application/x/y", "none", "text/plain; charset=utf-8"]
+    ],
+    (
+        PLAIN + "[attachments]\nblocked_mime_types = none\n",
+        "FILE: [attachments] blocked_mime_types: expected a list of MIME types like application/x-msdownload"
+        " or application/*, got 'none'",
+    ),
+    (PLAIN + "[attachments]\ndetect_executables = maybe\n", "FILE: [attachments] detect_executables: expected yes or no, got 'maybe'"),
+    (
+        PLAIN + "[attachments]\naction = delete\n",
+        "FILE: [attachments] action: expected one of reject, quarantine, strip, got 'delete'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_archive_depth = 11\n",
+        "FILE: [attachments] max_archive_depth: expected an integer from 0 to 10, got '11'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_archive_depth = -1\n",
+        "FILE: [attachments] max_archive_depth: expected an integer from 0 to 10, got '-1'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_archive_depth = deep\n",
+        "FILE: [attachments] max_archive_depth: expected an integer, got 'deep'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_archive_members = 0\n",
+        "FILE: [attachments] max_archive_members: expected an integer >= 1, got '0'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_expanded_size = 0\n",
+        "FILE: [attachments] max_expanded_size: expected a size of at least 1 bytes, got '0'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_expanded_size = 100MB\n",
+        "FILE: [attachments] max_expanded_size: expected a size like 35M, got '100MB'",
+    ),
+    (
+        PLAIN + "[attachments]\nmax_compression_ratio = 1\n",
+        "FILE: [attachments] max_compression_ratio: expected an integer >= 2, got '1'",
+    ),
+    (
+        PLAIN + "[attachments]\nencrypted_archives = scan\n",
+        "FILE: [attachments] encrypted_archives: expected one of allow, reject, got 'scan'",
+    ),
+    (PLAIN + "[attachments]\nmax_mime_depth = 0\n", "FILE: [attachments] max_mime_depth: expected an integer >= 1, got '0'"),
+    (PLAIN + "[attachments]\nmax_parts = 0\n", "FILE: [attachments] max_parts: expected an integer >= 1, got '0'"),
+    (
+        PLAIN + "[attachments]\nmalformed = quarantine\n",
+        "FILE: [attachments] malformed: expected one of reject, accept, got 'quarantine'",
+    ),
+    (PLAIN + "[attachments]\nmax_size = 1M\n", "FILE: [attachments] max_size: unknown key"),
+]
+
+
+@pytest.mark.parametrize("text, expected", BROKEN_FILTERS)
+def test_broken_filters(tmp_path, text, expected):
+    assert error(tmp_path, text) == expected
+
+
+def test_broken_filter_section_in_check_config(tmp_path, capsys):
+    from mailgate import cli
+
+    path = write(tmp_path, PLAIN + "[filter:%s]\ndelay = 5m\n" % GREYLIST)
+    assert cli.main(["check-config", path]) == 1
+    expected = "[filter:%s]: not used by any listener's filters" % GREYLIST
+    assert capsys.readouterr() == ("", "mailgate: %s: %s\n" % (path, expected))
+
+
+def test_render_loads_back_the_filter_sections(tmp_path):
+    original = load(
+        tmp_path,
+        with_filters(
+            "dmarc, %s, Attachments, other.Filter" % GREYLIST,
+            "[filter:%s]\nZeta = 1\nalpha = two words\nempty =\nlist = a,\n  b,\n    [c]\nodd = %%(x)s;#x\n"
+            % GREYLIST + "[filter:other.Filter]\n",
+        )
+        + SUBMISSION + "filters =\n"
+        + "[filters]\ntimeout = 1.5s\n"
+        + "[spf]\nreject_fail = yes\ncheck_internal = yes\n"
+        + "[dmarc]\nenforce = yes\nquarantine_action = tag\n"
+        + "[attachments]\nblocked_extensions = none\nblocked_mime_types = application/*, image/svg+xml\n"
+        + "action = quarantine\nmax_archive_depth = 0\nmax_expanded_size = 1000\nmalformed = accept\n",
+    )
+    text = render_config(original)
+    assert "\n[filter:%s]\nzeta = 1\nalpha = two words\nempty =\nlist = a,\n    b,\n    [c]\n" % GREYLIST in text
+    assert "\n[filter:other.Filter]\n" in text
+    assert "\nfilters = dmarc, %s, attachments, other.Filter\n" % GREYLIST in text
+    assert "\nfilters =\n" in text
+    assert "\nblocked_extensions = none\n" in text
+    other = tmp_path / "other"
+    other.mkdir()
+    again = load_config(write(other, text))
+    assert attr.evolve(again, path=original.path) == original
+    assert again.filter_sections[0].options == original.filter_sections[0].options
+
+
+def test_render_shows_the_default_extensions_and_loads_back(tmp_path):
+    original = load(tmp_path, PLAIN)
+    text = render_config(original)
+    assert "\nblocked_extensions = %s\n" % ", ".join(DEFAULT_BLOCKED_EXTENSIONS) in text
+    assert "\n[filters]\ntimeout = 30s\n" in text
+    assert "\nfilters = spf, dkim, dmarc, attachments\n" in text
+    other = tmp_path / "other"
+    other.mkdir()
+    assert attr.evolve(load_config(write(other, text)), path=original.path) == original
+
+
+def test_render_hides_secret_filter_options(tmp_path):
+    original = load(
+        tmp_path,
+        with_filters(
+            GREYLIST,
+            "[filter:%s]\npassword = p1\napi_token = t1\nclient_secret = s1\ndelay = 5m\n" % GREYLIST,
+        ),
+    )
+    hidden = render_config(original)
+    assert not re.search(r"= (p1|t1|s1)$", hidden, re.M)
+    assert "\npassword = <hidden>\napi_token = <hidden>\nclient_secret = <hidden>\ndelay = 5m\n" in hidden
+    text = render_config(original, show_secrets=True)
+    assert "\npassword = p1\napi_token = t1\nclient_secret = s1\ndelay = 5m\n" in text
+    other = tmp_path / "other"
+    other.mkdir()
+    assert attr.evolve(load_config(write(other, text)), path=original.path) == original

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from mailgate import bounce
 from mailgate.envelope import Envelope, RecipientResult
 from mailgate.errors import RoutingError
+from mailgate.events import message_id
 
 log = Logger()
 
@@ -95,7 +96,7 @@ class DeliveryService(service.Service):
 
     name = "delivery"
 
-    def __init__(self, queue, router, deliverer, config, clock, new_queue_id, signer=None):
+    def __init__(self, queue, router, deliverer, config, clock, new_queue_id, signer=None, events=None):
         self.queue = queue
         self.router = router
         self.deliverer = deliverer
@@ -104,6 +105,7 @@ class DeliveryService(service.Service):
         self.clock = clock
         self.new_queue_id = new_queue_id
         self.signer = signer
+        self.events = events  # a mailgate.events.EventBus, or None
         self._slots = defer.DeferredSemaphore(self.delivery.concurrency)
         self._destinations = {}
         self._timers = {}
@@ -186,33 +188,50 @@ class DeliveryService(service.Service):
             self._schedule(queue_id, msg.next_attempt)
             return
         if now - envelope.received_at >= self.delivery.max_lifetime:
-            self._expire(queue_id, msg, now)
+            self._expire(envelope, data, msg, now)
         else:
             yield defer.gatherResults(
                 [self._deliver_group(queue_id, envelope, data, msg, route, key, rcpts)
-                 for route, key, rcpts in self._groups(msg, now)], consumeErrors=True)
+                 for route, key, rcpts in self._groups(envelope, data, msg, now)], consumeErrors=True)
         yield self._finish_round(queue_id, state, envelope, data, msg)
 
-    def _groups(self, msg, now):
+    def _track(self, event, envelope, data, **fields):
+        if self.events is not None:
+            self.events.track(event, queue_id=envelope.queue_id, message_id=message_id(data),
+                              sender=envelope.sender, size=envelope.size, listener=envelope.listener,
+                              client=envelope.client_ip, user=envelope.user, **fields)
+
+    def _track_result(self, envelope, data, route, result):
+        event = {"delivered": "DELIVER", "deferred": "DEFER", "bounced": "BOUNCE"}[result.outcome]
+        self._track(event, envelope, data, recipients=[result.recipient], route=route,
+                    reply="%s %s %s" % (result.code, result.status, result.text),
+                    remote_host=result.remote.name if result.remote else None, tls=result.tls,
+                    latency=self.clock.seconds() - envelope.received_at)
+
+    def _groups(self, envelope, data, msg, now):
         """Pending recipients by destination; those without a route bounce here."""
         groups = {}
         for rcpt in msg.pending():
             route = self.router.route_for(_domain(rcpt))
             if route is None:
-                msg.record(RecipientResult(rcpt, "bounced", 554, "5.4.4", "No route to destination"), now)
+                result = RecipientResult(rcpt, "bounced", 554, "5.4.4", "No route to destination")
+                msg.record(result, now)
+                self._track_result(envelope, data, None, result)
                 continue
             key = (route.name, _domain(rcpt)) if route.mx else (route.name,)
             groups.setdefault(key, (route, []))[1].append(rcpt)
         return [(route, key, rcpts) for key, (route, rcpts) in groups.items()]
 
-    def _expire(self, queue_id, msg, now):
+    def _expire(self, envelope, data, msg, now):
         for rcpt in msg.pending():
             last = msg.recipients[rcpt]
             text = "Message expired after %s; last error: %s" % (
                 _human(self.delivery.max_lifetime), last.get("text") or "none")
             msg.record(RecipientResult(rcpt, "bounced", last.get("code") or 451, "4.4.7", text), now)
             msg.recipients[rcpt]["remote"] = last.get("remote")
-        log.info("{queue_id} expired after {lifetime}", queue_id=queue_id,
+            self._track("EXPIRE", envelope, data, recipients=[rcpt], reply="4.4.7 " + text,
+                        latency=now - envelope.received_at)
+        log.info("{queue_id} expired after {lifetime}", queue_id=envelope.queue_id,
                  lifetime=_human(self.delivery.max_lifetime))
 
     @defer.inlineCallbacks
@@ -231,6 +250,7 @@ class DeliveryService(service.Service):
         now = self.clock.seconds()
         for result in results:
             msg.record(result, now)
+            self._track_result(envelope, data, route.name, result)
             log.info("{queue_id} to=<{rcpt}> route={route} {outcome}: {code} {status} {text}",
                      queue_id=queue_id, rcpt=result.recipient, route=route.name, outcome=result.outcome,
                      code=result.code, status=result.status, text=result.text,
@@ -296,6 +316,8 @@ class DeliveryService(service.Service):
                 client_ip="", helo=self.hostname, listener="", protocol="local",
                 received_at=now, size=len(dsn))
             yield self.queue.enqueue(dsn_envelope, dsn)
+            self._track("DSN", envelope, data, recipients=list(recipients), action=action,
+                        dsn_queue_id=dsn_envelope.queue_id)
             log.info("{queue_id} {action} notice queued as {dsn_id} for <{sender}>",
                      queue_id=envelope.queue_id, action=action, dsn_id=dsn_envelope.queue_id,
                      sender=envelope.sender)

@@ -24,6 +24,7 @@ from mailgate import address, policy
 from mailgate.datascan import DataScanner
 from mailgate.envelope import Envelope, Reply
 from mailgate.errors import ReplyError
+from mailgate.events import message_id
 from mailgate.session import Session
 
 log = Logger()
@@ -111,8 +112,25 @@ class SMTPServer(smtp.ESMTP):
 
     # -- connection --------------------------------------------------------------------------
 
+    def _protocol_event(self, event, data=""):
+        events = self.factory.events
+        if events is None:
+            return
+        events.emit("protocol", session=self.session.id, listener=self.listener.name,
+                    direction="in", event=event, data=data, local=self._local, remote=self._remote)
+
+    def _track(self, event, **fields):
+        if self.factory.events is not None:
+            self.factory.events.track(event, listener=self.listener.name, client=self.client_ip,
+                                      session=self.session.id, user=self.session.user, **fields)
+
     def connectionMade(self):
         self.session = Session(self, secrets.token_hex(6))
+        # Kept now: a TLS transport cannot tell its addresses any more once it is closed.
+        local, peer = self.transport.getHost(), self.transport.getPeer()
+        self._local = "%s:%s" % (getattr(local, "host", ""), getattr(local, "port", ""))
+        self._remote = "%s:%s" % (getattr(peer, "host", ""), getattr(peer, "port", ""))
+        self._protocol_event("connect")
         self._arm("session", self.limits.session_timeout, "session time limit exceeded")
         if not policy.client_allowed(self.listener, self.client_ip):
             log.info("refused {client} on {listener}: not in allowed_ips",
@@ -136,6 +154,8 @@ class SMTPServer(smtp.ESMTP):
             self._reply(policy.banner_reply(self.hostname))
 
     def connectionLost(self, reason=protocol.connectionDone):
+        if self.session is not None:
+            self._protocol_event("disconnect")
         self._closed = True
         self._scanner = None
         for call in self._timers.values():
@@ -227,7 +247,15 @@ class SMTPServer(smtp.ESMTP):
     def _reply(self, reply):
         if self._closed:
             return
-        self.transport.write(b"".join(line + b"\r\n" for line in reply.lines()))
+        lines = reply.lines()
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        if self.factory.events is not None:
+            self._protocol_event("reply", b"\n".join(lines).decode("utf-8", "replace"))
+        if self._stage is not None and reply.code >= 400:
+            # Every refused MAIL, RCPT or message is a step in message tracking.
+            self._track("REJECT", stage=self._stage, reply=str(reply),
+                        sender=str(self.sender) if self.sender is not None else None,
+                        recipients=[str(r) for r in self.recipients])
 
     def _error(self, reply, counts=True):
         """Answer with a failure reply; too many of them end the session."""
@@ -252,7 +280,13 @@ class SMTPServer(smtp.ESMTP):
 
     # -- commands ----------------------------------------------------------------------------
 
+    _stage = None  # "MAIL", "RCPT" or "DATA" while such a command is being answered
+    _tls_reported = False
+
     def _line(self, line):
+        self._stage = None
+        if self.factory.events is not None:
+            self._report_command(line)
         limit = MAX_AUTH_LINE if self._sasl is not None or line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
         if len(line) + 2 > limit:
             return self._error(LINE_TOO_LONG)
@@ -265,11 +299,28 @@ class SMTPServer(smtp.ESMTP):
         verb = verb.upper()
         if verb not in COMMANDS:
             return self._error(UNKNOWN)
+        if verb in ("MAIL", "RCPT", "DATA"):
+            self._stage = verb
         handler = getattr(self, "do_" + verb)
         try:
             return handler(arg.strip(" "))
         except ReplyError as e:
             return self._answer(e.reply)
+
+    def _report_command(self, line):
+        if self.tls and not self._tls_reported:
+            # The handshake is complete once a command arrives over it.
+            self._tls_reported = True
+            version, cipher = self.tls_info()
+            self._protocol_event("tls", "%s %s" % (version, cipher))
+        if self._sasl is not None:
+            text = "****"  # a SASL response: credentials
+        else:
+            text = line[:MAX_AUTH_LINE].decode("latin-1")
+            if text[:5].upper() == "AUTH ":
+                parts = text.split(" ")
+                text = " ".join(parts[:2] + ["****"] * (len(parts) > 2))
+        self._protocol_event("command", text)
 
     def _hook(self, name, *args):
         """The seam the filter chain plugs into: None (go on) or a Reply, maybe in a Deferred."""
@@ -325,6 +376,7 @@ class SMTPServer(smtp.ESMTP):
             self._buffer = b""
         self.transport.startTLS(self.factory.tls)
         self.tls = True
+        self._tls_reported = False
         # Nothing learnt before TLS is trusted after it (RFC 3207 4.2).
         self.helo = None
         self.esmtp = False
@@ -430,6 +482,7 @@ class SMTPServer(smtp.ESMTP):
 
     def _auth_failed(self, username):
         self.auth_failures += 1
+        self._track("AUTH_FAIL", user_attempted=username)
         log.info("authentication failed for {user} from {client}", user=username, client=self.client_ip)
         self._reply(AUTH_BAD)
         if self.auth_failures >= self.limits.max_auth_failures:
@@ -498,6 +551,8 @@ class SMTPServer(smtp.ESMTP):
         self._reply(R(354, "", "End data with <CR><LF>.<CR><LF>"))
 
     def _end_of_data(self):
+        self._stage = "DATA"
+        self._data_done_at = self.clock.seconds()
         scanner, self._scanner = self._scanner, None
         self._disarm("idle")
         reply = None
@@ -534,6 +589,14 @@ class SMTPServer(smtp.ESMTP):
         d = self.factory.queue.enqueue(envelope, data, state)
 
         def queued(queue_id):
+            self._stage = None  # the 250 is not a rejection
+            fields = dict(queue_id=queue_id, message_id=message_id(message), sender=envelope.sender,
+                          recipients=list(envelope.recipients), size=envelope.size,
+                          verdicts=[list(v) for v in envelope.verdicts], tls=envelope.tls_version,
+                          latency=self.clock.seconds() - self._data_done_at)
+            self._track("RECEIVE", **fields)
+            if state == "quarantine":
+                self._track("QUARANTINE", reason=result.reason if result is not None else None, **fields)
             log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client} "
                      "state={state}", queue_id=queue_id, sender=envelope.sender,
                      nrcpt=len(envelope.recipients), size=envelope.size, client=envelope.client_ip,
@@ -652,7 +715,8 @@ class SMTPFactory(protocol.ServerFactory):
     protocol = SMTPServer
     noisy = False  # mailgate logs its own listener events
 
-    def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None):
+    def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
+                 events=None):
         self.listener = listener
         self.gateway = gateway
         self.clock = clock
@@ -661,6 +725,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.auth = auth
         self.tls = tls
         self.hooks = hooks
+        self.events = events  # a mailgate.events.EventBus, or None
         self.gate = Gate()
 
     def buildProtocol(self, addr):

@@ -96,12 +96,20 @@ class SchedulerTests(unittest.TestCase):
         self.service = self.make_service()
 
     def make_service(self, **delivery):
+        from mailgate.events import EventBus
+
         values = dict(retry=(60.0, 300.0), max_lifetime=3600.0, delay_warning=0.0)
         values.update(delivery)
+        self.events = []
+        bus = EventBus(self.clock)
+        bus.subscribe(lambda kind, fields: self.events.append(dict(fields)))
         service = DeliveryService(self.spool, self.router, self.deliverer,
                                   FakeConfig(DeliveryConfig(**values)), self.clock,
-                                  lambda: next(self.ids), signer=self.signer)
+                                  lambda: next(self.ids), signer=self.signer, events=bus)
         return service
+
+    def tracked(self, event):
+        return [e for e in self.events if e["event"] == event]
 
     def start(self):
         self.service.startService()
@@ -276,3 +284,25 @@ class SchedulerTests(unittest.TestCase):
         self.successResultOf(self.service.sweep())
         self.assertEqual(self.deliverer.calls, [])
         self.assertEqual(self.entries(), {"H1": "hold"})
+
+    def test_deliver_defer_bounce_dsn_expire_events(self):
+        self.start()
+        self.deliverer.replies["b@remote.example"] = (550, "5.1.1")
+        self.deliverer.replies["c@remote.example"] = (451, "4.3.0")
+        self.queue(rcpts=("a@remote.example", "b@remote.example", "c@remote.example"))
+        [deliver] = [e for e in self.tracked("DELIVER") if e["queue_id"] == "Q1"]
+        self.assertEqual((deliver["recipients"], deliver["route"], deliver["remote_host"]),
+                         (["a@remote.example"], "internet", "mx.remote.example"))
+        self.assertEqual(deliver["reply"], "250 2.0.0 reply 250")
+        [bounce] = self.tracked("BOUNCE")
+        self.assertEqual(bounce["recipients"], ["b@remote.example"])
+        [defer_] = self.tracked("DEFER")
+        self.assertEqual(defer_["recipients"], ["c@remote.example"])
+        [dsn] = self.tracked("DSN")
+        self.assertEqual((dsn["queue_id"], dsn["action"], dsn["recipients"]),
+                         ("Q1", "failed", ["b@remote.example"]))
+        for _ in range(61):
+            self.clock.advance(60)
+        [expire] = self.tracked("EXPIRE")
+        self.assertEqual(expire["recipients"], ["c@remote.example"])
+        self.assertEqual(expire["latency"], 3600)

@@ -7,6 +7,7 @@ bytes from the note and checks the exact reply and what was (not) stored.
 
 import base64
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from mailgate.config import Limits
@@ -691,6 +692,91 @@ class DataResultTests(unittest.TestCase):
         send_message(s)
         send_message(s)
         self.assertEqual(hooks.last, {"n": 1})
+
+
+class EventTests(unittest.TestCase):
+    def setUp(self):
+        from mailgate.events import EventBus
+
+        self.events = []
+        self.clock = Clock()
+        bus = EventBus(self.clock)
+        bus.subscribe(lambda kind, fields: self.events.append((kind, dict(fields))))
+        self.s = Session(listener(role="submission", tls="required", auth="required"), events=bus,
+                         clock=self.clock)
+        self.s.read()
+
+    def of(self, kind, **match):
+        return [f for k, f in self.events if k == kind and all(f.get(x) == y for x, y in match.items())]
+
+    def test_protocol_events_mask_auth_and_never_carry_the_body(self):
+        s = self.s
+        s.cmd("EHLO c.example")
+        s.start_tls()
+        s.login(password="wrong")
+        s.cmd("AUTH LOGIN")
+        s.cmd("YWxpY2VAZXhhbXBsZS5jb20=")
+        s.cmd("c2VjcmV0")
+        send_message(s, "alice@example.com", body="Subject: secret body\r\n\r\nBODYTEXT\r\n.\r\n")
+        s.proto.connectionLost(None)
+        kinds = [f["event"] for f in self.of("protocol")]
+        self.assertEqual(kinds[0], "connect")
+        self.assertEqual(kinds[-1], "disconnect")
+        self.assertIn("tls", kinds)
+        commands = [f["data"] for f in self.of("protocol", event="command")]
+        self.assertIn("AUTH PLAIN ****", commands)
+        self.assertIn("AUTH LOGIN", commands)
+        self.assertEqual(commands.count("****"), 2)
+        everything = repr(self.events)
+        self.assertNotIn("secret", everything.replace("secret body", ""))
+        self.assertNotIn("BODYTEXT", everything)
+        self.assertNotIn("c2VjcmV0", everything)
+        replies = [f["data"] for f in self.of("protocol", event="reply")]
+        self.assertIn("235 2.7.0 Authentication successful", replies)
+        first = self.of("protocol")[0]
+        self.assertEqual((first["session"], first["listener"], first["direction"]),
+                         (s.proto.session.id, "test", "in"))
+        self.assertEqual(first["remote"], "192.0.2.10:40000")
+
+    def test_tracking_receive_reject_and_auth_fail(self):
+        s = self.s
+        s.cmd("EHLO c.example")
+        s.start_tls()
+        s.login(password="wrong")
+        s.login()
+        s.cmd("MAIL FROM:<bob@example.com>")
+        s.cmd("MAIL FROM:<alice@example.com>")
+        s.cmd("RCPT TO:<x@elsewhere.example>")
+        s.cmd("DATA")
+        self.clock.advance(2)
+        s.send("Message-ID: <m1@example.com>\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+        [fail] = self.of("tracking", event="AUTH_FAIL")
+        self.assertEqual(fail["user_attempted"], "alice@example.com")
+        [reject] = self.of("tracking", event="REJECT")
+        self.assertEqual(reject["stage"], "MAIL")
+        self.assertTrue(reject["reply"].startswith("553 5.7.1 Sender address rejected"))
+        [receive] = self.of("tracking", event="RECEIVE")
+        self.assertEqual(receive["queue_id"], "Q0001")
+        self.assertEqual(receive["message_id"], "<m1@example.com>")
+        self.assertEqual(receive["sender"], "alice@example.com")
+        self.assertEqual(receive["recipients"], ["x@elsewhere.example"])
+        self.assertEqual(receive["user"], "alice@example.com")
+        self.assertEqual(receive["listener"], "test")
+        self.assertEqual(receive["client"], "192.0.2.10")
+        self.assertEqual(receive["latency"], 0)
+        self.assertEqual(receive["size"], s.queue.messages["Q0001"][0].size)
+
+    def test_rejected_message_at_end_of_data_is_tracked(self):
+        s = Session(listener(), events=self.s.factory.events)
+        s.read()
+        s.cmd("EHLO c.example")
+        s.cmd("MAIL FROM:<a@remote.example>")
+        s.cmd("RCPT TO:<u@example.com>")
+        s.cmd("RCPT TO:<v@elsewhere.example>")
+        s.cmd("DATA")
+        s.send(b"bad\nline\r\n.\r\n")
+        stages = [(f["stage"], f["reply"][:3]) for f in self.of("tracking", event="REJECT")]
+        self.assertEqual(stages, [("RCPT", "554"), ("DATA", "550")])
 
 
 class SlowHooks:

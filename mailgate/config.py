@@ -180,6 +180,33 @@ class AttachmentsConfig:
 
 
 @attr.s(frozen=True, slots=True)
+class LoggingConfig:
+    dir = attr.ib(default=None)  # None: no protocol.log / tracking.log
+    max_size = attr.ib(default=100 * 1024 * 1024)  # rotate a log past this size (and daily)
+    retention_days = attr.ib(default=30)
+
+
+@attr.s(frozen=True, slots=True)
+class MetricsConfig:
+    endpoint = attr.ib(default=None)  # a Twisted server endpoint string; None: off
+
+
+@attr.s(frozen=True, slots=True)
+class AlertsConfig:
+    interval = attr.ib(default=30.0)
+    queue_size = attr.ib(default=0)  # messages; 0: off
+    oldest_message_age = attr.ib(default=0.0)  # seconds; 0: off
+    deferred_ratio = attr.ib(default=0.0)  # deferred / all queued, 0..1; 0: off
+    connection_timeouts_per_minute = attr.ib(default=0)  # 0: off
+    command = attr.ib(default=None)  # run with the alert's details in its environment
+
+
+@attr.s(frozen=True, slots=True)
+class AdminConfig:
+    socket = attr.ib(default=None)  # path of the admin unix socket; None: <queue path>/admin.sock
+
+
+@attr.s(frozen=True, slots=True)
 class Config:
     path = attr.ib()  # absolute path of the ini file it came from
     gateway = attr.ib()
@@ -197,6 +224,10 @@ class Config:
     spf = attr.ib(factory=SPFConfig)
     dmarc = attr.ib(factory=DMARCConfig)
     attachments = attr.ib(factory=AttachmentsConfig)
+    logging = attr.ib(factory=LoggingConfig)
+    metrics = attr.ib(factory=MetricsConfig)
+    alerts = attr.ib(factory=AlertsConfig)
+    admin = attr.ib(factory=AdminConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -978,6 +1009,70 @@ ATTACHMENTS_KEYS = {
     "malformed": Key(Choice(("reject", "accept")), "reject"),
 }
 
+@attr.s(frozen=True)
+class OptionalEndpoint:
+    """An Endpoint, or empty for "off"."""
+
+    def parse(self, text, base):
+        return Endpoint().parse(text, base) if text else None
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+@attr.s(frozen=True)
+class Ratio:
+    """A number from 0 to 1 (0 often meaning off)."""
+
+    def parse(self, text, base):
+        try:
+            value = float(text)
+        except ValueError:
+            raise _expected("a number from 0 to 1", text) from None
+        if not 0 <= value <= 1:
+            raise _expected("a number from 0 to 1", text)
+        return value
+
+    def render(self, value):
+        return repr(float(value))
+
+
+@attr.s(frozen=True)
+class Command:
+    """A shell command line, kept as written; empty: none."""
+
+    def parse(self, text, base):
+        if "\n" in text or "\0" in text:
+            raise _expected("a one-line command", text)
+        return text or None
+
+    def render(self, value):
+        return value or ""
+
+
+LOGGING_KEYS = {
+    "dir": Key(Path(), ""),
+    "max_size": Key(Size(), "100M"),
+    "retention_days": Key(Int(1), "30"),
+}
+
+METRICS_KEYS = {
+    "endpoint": Key(OptionalEndpoint(), ""),
+}
+
+ALERTS_KEYS = {
+    "interval": Key(Duration(), "30s"),
+    "queue_size": Key(Int(0), "0"),
+    "oldest_message_age": Key(Duration(positive=False), "0"),
+    "deferred_ratio": Key(Ratio(), "0"),
+    "connection_timeouts_per_minute": Key(Int(0), "0"),
+    "command": Key(Command(), ""),
+}
+
+ADMIN_KEYS = {
+    "socket": Key(Path(), ""),
+}
+
 SECTIONS = {
     "gateway": _plain("gateway", GatewayConfig, GATEWAY_KEYS),
     "limits": _plain("limits", Limits, LIMITS_KEYS),
@@ -999,6 +1094,10 @@ SECTIONS = {
         "filter_sections", {}, _build_filter_section, _flatten_filter_section, named=True,
         any_keys=True,
     ),
+    "logging": _plain("logging", LoggingConfig, LOGGING_KEYS),
+    "metrics": _plain("metrics", MetricsConfig, METRICS_KEYS),
+    "alerts": _plain("alerts", AlertsConfig, ALERTS_KEYS),
+    "admin": _plain("admin", AdminConfig, ADMIN_KEYS),
 }
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")

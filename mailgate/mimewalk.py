@@ -1,0 +1,1480 @@
+"""
+What the attachment policy looks at: every MIME part of a message, the file names it claims, its
+content, and the members of the archives it holds.  inspect() returns a Report: the blocked
+attachments (Findings naming the MIME part, the file and why) and the structural problems
+("malformed"); the filter (mailgate.filters.attachments) chooses the verdict, strip() rewrites.
+
+Everything here is synchronous, CPU-bound and pure (the parsed message is only read, never
+changed): the filter runs it in a thread.  No input may crash it or make it use unbounded memory
+or time:
+
+  * the MIME tree is walked with an explicit stack (no recursion), parts and depth counted; with
+    malformed = reject the walk stops at the first limit exceeded, with accept it goes on;
+  * archives are read as streams: every byte produced by decompression is metered against the
+    message-wide max_expanded_size and each member's max_compression_ratio (judged once a member
+    has expanded past RATIO_FLOOR, so small, very repetitive files pass), so a bomb is stopped at
+    most a chunk past a limit; declared sizes (zip) are checked before anything is expanded;
+  * archive members are counted across the whole message (max_archive_members), and a zip's
+    central directory is counted before zipfile builds an object per entry;
+  * archive nesting is bounded by max_archive_depth: a MIME attachment that is an archive is
+    level 1.  A compressed tar (.tar.gz, .tar.bz2, .tar.xz) is one level; every other container
+    (zip, tar, gzip, bzip2, xz, TNEF) one level each;
+  * nested zips, which need random access, are spooled to a temporary file past 4 MiB.
+
+Names: Content-Disposition filename and Content-Type name, every reading of them (see
+part_names), and for archive members the stored name (and its UTF-8 reading, and the Info-ZIP
+Unicode Path).  Direction overrides/embeddings/isolates and other invisible format characters
+(not the joiners ZWNJ/ZWJ nor the marks LRM/RLM/ALM) and control characters block by themselves;
+the extension is checked on the name without them, NFKC-normalised, trailing dots and spaces
+dropped, case-folded, on its last path component (and before a ":" stream name).
+
+Content (detect_executables), by magic, whatever the name: PE (and NE/LE/LX, and binary DOS "MZ"
+headers), ELF, Mach-O (32/64-bit, both byte orders, universal), Java classes and archives (a zip
+with META-INF/MANIFEST.MF and classes), Android DEX/APK, AppX/MSIX packages, Windows shortcuts
+(LNK), OLE2 files holding a VBA project (.doc/.xls/.ppt with macros, and the vbaProject.bin of a
+macro-enabled OOXML document whatever it is called) or that are Windows Installer packages,
+patches or transforms, CAB, CHM, OneNote, ISO 9660/UDF, VHDX and dynamic VHD images; and for
+attachments
+(not inline text bodies): #! scripts, HTA, Internet shortcuts, Explorer command files, registry
+files.  Plain-text scripts without a #! line (.js, .vbs, .ps1, .bat) are caught by name only.
+
+Archives are opened by content: zip (also behind other data), tar, gzip, bzip2, xz and TNEF
+(winmail.dat).  Others (7z, RAR, ...) are not opened.  An archive the standard library cannot
+read is reported as malformed ("corrupt"); an encrypted zip member is blocked unless
+encrypted_archives = allow, and a member compressed with a method zipfile lacks is blocked
+("cannot be inspected").
+"""
+
+import base64
+import binascii
+import bz2
+import copy
+import gzip
+import io
+import lzma
+import quopri
+import re
+import struct
+import tarfile
+import tempfile
+import unicodedata
+import urllib.parse
+import zipfile
+import zlib
+from email import errors as email_errors
+from email.message import MIMEPart
+
+import attr
+
+HEAD_SIZE = 64 * 1024  # what content sniffing looks at (PE headers, ISO 9660 at 32K, ...)
+CHUNK = 64 * 1024  # read size when streaming a member
+RATIO_FLOOR = 1024 * 1024  # max_compression_ratio applies to members expanding past 1 MiB
+SPOOL_MEMORY = 4 * 1024 * 1024  # a nested zip bigger than this goes to a temporary file
+MAX_DISPLAY = 120  # characters of a file name shown in replies and notes
+MAX_UU_BLOCKS = 64  # uuencoded files in one text part whose content is checked (names: all)
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+# ---------------------------------------------------------------------------------------------
+
+
+@attr.s(frozen=True, slots=True)
+class Finding:
+    """
+    One blocked attachment.  path is the MIME part to remove (child indexes from the root, () for
+    the root itself); name what to show ("invoice.exe", "files.zip: bin/setup.exe" for a member,
+    "unnamed part 2" for a part without a name), printable; reason why ("blocked file type .exe").
+    """
+
+    path = attr.ib()
+    name = attr.ib()
+    reason = attr.ib()
+
+
+@attr.s(slots=True)
+class Report:
+    blocked = attr.ib(factory=list)  # Finding, in message order, at most one per MIME part
+    malformed = attr.ib(factory=list)  # str, in message order
+    parts = attr.ib(default=0)  # MIME parts walked
+    members = attr.ib(default=0)  # archive members looked at
+    expanded = attr.ib(default=0)  # bytes produced by decompression
+    errors = attr.ib(factory=list)  # (where, exception) for unexpected failures, for the log
+
+
+@attr.s(frozen=True, slots=True)
+class Policy:
+    """AttachmentsConfig normalised for checking (see policy_from_config)."""
+
+    extensions = attr.ib(default=())  # lower-case, no leading dot
+    mime_types = attr.ib(default=())  # lower-case "type/subtype" or "type/*"
+    detect_executables = attr.ib(default=True)
+    max_archive_depth = attr.ib(default=3)
+    max_archive_members = attr.ib(default=1000)
+    max_expanded_size = attr.ib(default=100 * 1024 * 1024)
+    max_compression_ratio = attr.ib(default=100)
+    reject_encrypted = attr.ib(default=True)
+    max_mime_depth = attr.ib(default=20)
+    max_parts = attr.ib(default=500)
+    stop_at_limits = attr.ib(default=True)  # malformed = reject: no point walking past a limit
+
+
+def policy_from_config(config):
+    """A Policy from a mailgate.config.AttachmentsConfig."""
+    extensions = []
+    for ext in config.blocked_extensions:
+        ext = str(ext).strip().lstrip(".").casefold()
+        if ext and ext not in extensions:
+            extensions.append(ext)
+    return Policy(
+        extensions=tuple(extensions),
+        mime_types=tuple(str(t).strip().lower() for t in config.blocked_mime_types
+                         if str(t).strip()),
+        detect_executables=bool(config.detect_executables),
+        max_archive_depth=int(config.max_archive_depth),
+        max_archive_members=int(config.max_archive_members),
+        max_expanded_size=int(config.max_expanded_size),
+        max_compression_ratio=float(config.max_compression_ratio),
+        reject_encrypted=config.encrypted_archives != "allow",
+        max_mime_depth=int(config.max_mime_depth),
+        max_parts=int(config.max_parts),
+        stop_at_limits=config.malformed == "reject",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# File names.
+# ---------------------------------------------------------------------------------------------
+
+# Format characters (Unicode category Cf) are removed before a name is checked.  They are a
+# reason to block by themselves, except the joiners and the direction marks: ZWNJ/ZWJ are part of
+# ordinary Persian, Indic and emoji names and LRM/RLM/ALM of Hebrew and Arabic ones, and none of
+# them can reorder letters (only the embeddings, overrides and isolates can: "invoice<RLO>fdp.exe"
+# shows as "invoiceexe.pdf").  The extension is checked on the name without any of them.
+_HARMLESS_FORMAT = frozenset("\u200c\u200d\u200e\u200f\u061c")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*)\?=")
+_ENCODED_WORD_GAP = re.compile(r"(\?=)\s+(=\?)")
+# filename=, name=, filename*=, filename*0*= ... anywhere in a raw header value, quoted or not.
+_PARAM = re.compile(
+    r"""(?:^|[;\s])((?:file)?name)(?:\*([0-9]{1,3}))?(\*)?\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)""",
+    re.IGNORECASE,
+)
+
+
+def _fix_surrogates(text):
+    """Undo surrogateescape (raw 8-bit header bytes) by decoding them as UTF-8."""
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
+def _decode_bytes(data, charset=None):
+    """Bytes of a name in charset, else UTF-8, else Latin-1: never raises."""
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeError, ValueError):
+            continue
+    return data.decode("latin-1")
+
+
+def _decode_words(text):
+    """RFC 2047 encoded-words anywhere in text (also inside quotes, as mail clients do)."""
+    if "=?" not in text:
+        return text
+    text = _ENCODED_WORD_GAP.sub(r"\1\2", text)
+
+    def word(match):
+        charset, encoding, encoded = match.groups()
+        charset = charset.split("*", 1)[0]
+        try:
+            if encoding in "bB":
+                data = binascii.a2b_base64(encoded + "=" * (-len(encoded) % 4))
+            else:
+                data = quopri.decodestring(encoded.replace("_", " ").encode("latin-1", "replace"),
+                                           header=True)
+        except (binascii.Error, ValueError):
+            return match.group(0)
+        return _decode_bytes(data, charset)
+
+    return _ENCODED_WORD.sub(word, text)
+
+
+def _unquote(value):
+    if value.startswith('"'):
+        value = value[1:-1] if len(value) > 1 and value.endswith('"') else value[1:]
+        value = re.sub(r"\\(.)", r"\1", value)
+    return value
+
+
+def _rfc2231(sections):
+    """Join RFC 2231 sections [(extended, value)] in order: -> candidate str values."""
+    charset = None
+    data = bytearray()
+    for i, (extended, value) in enumerate(sections):
+        if extended:
+            if i == 0 and value.count("'") >= 2:
+                charset, _language, value = value.split("'", 2)
+            data += urllib.parse.unquote_to_bytes(value)
+        else:
+            data += value.encode("utf-8", "surrogateescape") if _has_surrogates(value) \
+                else value.encode("utf-8")
+    data = bytes(data)
+    out = [_decode_bytes(data, charset)]
+    utf8 = data.decode("utf-8", "replace")
+    if utf8 not in out:
+        out.append(utf8)
+    return out
+
+
+def _has_surrogates(text):
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _raw_param_names(raw):
+    """
+    Every filename/name parameter in one raw header value, parsed leniently: duplicates kept,
+    RFC 2231 continuations joined and decoded, quotes undone.  What a forgiving client may see.
+    """
+    raw = raw.replace("\r", "").replace("\n", "")
+    plain = []
+    sections = {}
+    for match in _PARAM.finditer(raw):
+        key, number, extended, value = match.groups()
+        if value.startswith('"'):
+            value = _unquote(value)
+        else:
+            # Unquoted, a value ends at white space, but a forgiving client may read on up to
+            # the ";" ("invoice.pdf .exe"): both are checked.
+            value = value.strip()
+            if " " in value or "\t" in value:
+                plain.append(value.split()[0])
+        if number is None:
+            if extended:
+                plain.extend(_rfc2231([(True, value)]))
+            else:
+                plain.append(value)
+        else:
+            sections.setdefault(key.lower(), {})[int(number)] = (bool(extended), value)
+    for parts in sections.values():
+        plain.extend(_rfc2231([parts[n] for n in sorted(parts)]))
+    return plain
+
+
+def part_names(part):
+    """
+    The file names a MIME part claims, decoded, most authoritative first: Content-Disposition
+    filename and Content-Type name as the email package reads them, then every other reading of
+    every Content-Disposition/Content-Type header (duplicated headers and parameters, RFC 2231
+    sections, encoded-words, raw 8-bit bytes) so that no reading a client might use goes
+    unchecked.
+    """
+    names = []
+
+    def add(value):
+        if isinstance(value, tuple):
+            charset, _language, text = (list(value) + [None, None, ""])[:3]
+            value = _decode_bytes(str(text).encode("latin-1", "replace"), charset)
+        if not isinstance(value, str):
+            return
+        value = _fix_surrogates(_decode_words(_fix_surrogates(value))).strip()
+        if value and value not in names:
+            names.append(value)
+
+    for header, param in (("content-disposition", "filename"), ("content-type", "name")):
+        try:
+            add(part.get_param(param, None, header))
+        except Exception:
+            pass
+    for header in ("content-disposition", "content-type"):
+        try:
+            values = part.get_all(header, []) or []
+        except Exception:  # the email package raises on some hostile headers
+            values = []
+        for value in values:
+            try:
+                params = dict(getattr(value, "params", {}) or {})
+            except Exception:
+                continue
+            for key in ("filename", "name"):
+                if key in params:
+                    add(params[key])
+    for header, raw in part.raw_items():
+        if header.lower() in ("content-disposition", "content-type") and isinstance(raw, str):
+            for value in _raw_param_names(raw):
+                add(value)
+    return names
+
+
+def display_name(name):
+    """A name fit to show: invisible and control characters as \\uXXXX escapes, shortened."""
+    out = []
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cf", "Cs", "Zl", "Zp") or (category == "Zs" and ch != " "):
+            out.append("\\x%02x" % ord(ch) if ord(ch) < 0x100 else "\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if len(text) > MAX_DISPLAY:
+        text = text[:MAX_DISPLAY - 3] + "..."
+    return text
+
+
+def clean_name(name):
+    """The name as checked: format and control characters removed, NFKC, the last path
+    component, trailing dots and spaces (which Windows drops) removed."""
+    name = _fix_surrogates(name)
+    name = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cf", "Cc"))
+    name = unicodedata.normalize("NFKC", name)
+    name = re.split(r"[/\\]", name.strip())
+    name = next((piece for piece in reversed(name) if piece.strip(" .")), name[-1])
+    return re.sub(r"[\s.]+$", "", name.strip())
+
+
+def name_problem(name, policy):
+    """Why a file name is not allowed, or None."""
+    name = _fix_surrogates(name)
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category == "Cf" and ch not in _HARMLESS_FORMAT:
+            what = "direction override" if ch in "\u202a\u202b\u202c\u202d\u202e" \
+                "\u2066\u2067\u2068\u2069" else "invisible"
+            return "%s character U+%04X in file name" % (what, ord(ch))
+        if category == "Cc":
+            return "control character U+%04X in file name" % ord(ch)
+    clean = clean_name(name)
+    # "evil.exe:stream" is evil.exe on NTFS.
+    for candidate in dict.fromkeys((clean, clean.split(":", 1)[0].rstrip(" ."))):
+        folded = candidate.casefold()
+        for ext in policy.extensions:
+            if folded.endswith("." + ext):
+                disguise = re.search(r"\.([a-z0-9]{1,5})$", folded[:-len(ext) - 1])
+                if disguise:
+                    return "blocked file type .%s (double extension .%s.%s)" % (
+                        ext, disguise.group(1), ext)
+                return "blocked file type .%s" % ext
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Content.
+# ---------------------------------------------------------------------------------------------
+
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_LNK_MAGIC = b"\x4c\x00\x00\x00\x01\x14\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46"
+_MACHO = {
+    b"\xfe\xed\xfa\xce": "Mach-O executable", b"\xce\xfa\xed\xfe": "Mach-O executable",
+    b"\xfe\xed\xfa\xcf": "Mach-O executable", b"\xcf\xfa\xed\xfe": "Mach-O executable",
+    b"\xca\xfe\xba\xbf": "Mach-O universal binary", b"\xbe\xba\xfe\xca": "Mach-O universal binary",
+    b"\xbf\xba\xfe\xca": "Mach-O universal binary",
+}
+_ONENOTE_MAGIC = bytes.fromhex("e4525c7b8cd8a74daeb15378d02996d3")
+_MSI_CLSIDS = {
+    bytes.fromhex("84100c0000000000c000000000000046"): "Windows Installer package",
+    bytes.fromhex("86100c0000000000c000000000000046"): "Windows Installer patch",
+    bytes.fromhex("82100c0000000000c000000000000046"): "Windows Installer transform",
+}
+
+
+def sniff_executable(head, attachment=True):
+    """
+    What executable or script head (the first bytes of a file) is, or None.  Binary formats are
+    recognised by their magic; the text ones (scripts, HTA, shortcuts, registry files) only when
+    attachment is true (an inline message body starting with "#!" is just text).
+    """
+    if head[:2] == b"MZ":
+        if len(head) >= 0x40:
+            offset = struct.unpack("<L", head[0x3C:0x40])[0]
+            signature = head[offset:offset + 4]
+            if signature == b"PE\0\0":
+                return "Windows PE executable"
+            if signature[:2] in (b"NE", b"LE", b"LX"):
+                return "Windows/OS2 %s executable" % signature[:2].decode()
+        if b"\0" in head[2:64]:  # a binary DOS header, not text that happens to start "MZ"
+            return "DOS executable"
+    if head[:4] == b"\x7fELF":
+        return "ELF executable"
+    if head[:4] in _MACHO:
+        return _MACHO[head[:4]]
+    if head[:4] == b"\xca\xfe\xba\xbe" and len(head) >= 8:
+        # Java classes and fat Mach-O share the magic: a class has a major version >= 45 here,
+        # a fat binary its (small) number of architectures.
+        if struct.unpack(">L", head[4:8])[0] < 45:
+            return "Mach-O universal binary"
+        return "Java class file"
+    if head[:4] == b"dex\n" and head[7:8] == b"\0":
+        return "Android DEX executable"
+    if head[:20] == _LNK_MAGIC:
+        return "Windows shortcut (LNK)"
+    if head[:8] == b"MSCF\0\0\0\0":
+        return "Windows cabinet (CAB)"
+    if head[:8] == b"ITSF\x03\x00\x00\x00":
+        return "compiled HTML help (CHM)"
+    if head[:16] == _ONENOTE_MAGIC:
+        return "OneNote section"
+    if head[:8] == b"vhdxfile" or head[:8] == b"conectix":
+        return "virtual disk image"
+    for offset in (0x8001, 0x8801, 0x9001):
+        if head[offset:offset + 5] in (b"CD001", b"BEA01", b"NSR02", b"NSR03"):
+            return "disk image (ISO 9660/UDF)"
+    if attachment:
+        return _sniff_text(head)
+    return None
+
+
+def _sniff_text(head):
+    if head.startswith(b"\xef\xbb\xbf"):
+        text = head[3:].decode("utf-8", "replace")
+    elif head.startswith(b"\xff\xfe"):
+        text = head[2:len(head) & ~1].decode("utf-16-le", "replace")
+    elif head.startswith(b"\xfe\xff"):
+        text = head[2:len(head) & ~1].decode("utf-16-be", "replace")
+    else:
+        text = head.decode("latin-1")
+    if text.startswith("#!"):
+        return "script (#! line)"
+    lead = text.lstrip().lower()
+    if lead.startswith("[internetshortcut]"):
+        return "Internet shortcut"
+    if lead.startswith("[shell]") and "command=" in lead:
+        return "Windows Explorer command file"
+    if lead.startswith("regedit4") or lead.startswith("windows registry editor version"):
+        return "Windows registry file"
+    if "<hta:application" in lead:
+        return "HTML application (HTA)"
+    return None
+
+
+class _OleScanner:
+    """
+    Finds VBA macros (a "_VBA_PROJECT" stream or "_VBA_PROJECT_CUR" storage) and Windows
+    Installer packages (the root entry's CLSID) in an OLE2 compound file, streamed: directory
+    entries are 128-byte records aligned to 128 bytes after the header, so candidates are found
+    with a byte search and confirmed by their alignment, name length and type, without following
+    the FAT.  (Word's "Macros" storage also holds a _VBA_PROJECT stream.)
+    """
+
+    _VBA = "_vba_project".encode("utf-16-le")
+    _ROOT = "root entry".encode("utf-16-le")
+
+    def __init__(self):
+        self.base = 0  # stream offset of self.pending[0], a multiple of 128
+        self.pending = b""
+        self.found = None
+
+    def feed(self, data):
+        if self.found is not None:
+            return
+        buf = self.pending + data
+        usable = len(buf) - len(buf) % 128
+        block, self.pending = buf[:usable], buf[usable:]
+        if block:
+            self._scan(block)
+        self.base += usable
+
+    def _scan(self, block):
+        lower = block.lower()
+        for pattern, check in ((self._VBA, self._vba), (self._ROOT, self._root)):
+            at = lower.find(pattern)
+            while at >= 0 and self.found is None:
+                if (self.base + at) % 128 == 0 and self.base + at >= 512:
+                    record = block[at:at + 128]
+                    if len(record) == 128:
+                        check(record)
+                at = lower.find(pattern, at + 1)
+
+    def _vba(self, record):
+        length = struct.unpack("<H", record[64:66])[0]
+        if length in (26, 34) and record[66] in (1, 2):
+            self.found = "document with VBA macros"
+
+    def _root(self, record):
+        if struct.unpack("<H", record[64:66])[0] == 22 and record[66] == 5:
+            kind = _MSI_CLSIDS.get(record[80:96])
+            if kind:
+                self.found = kind
+
+
+def sniff_archive(head):
+    """'zip', 'gzip', 'bzip2', 'xz', 'tar', 'tnef' or None, from the first bytes."""
+    if head[:4] == _TNEF_MAGIC:
+        return "tnef"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:8] == b"PK\x07\x08PK\x03\x04":
+        return "zip"
+    if head[:3] == b"\x1f\x8b\x08":
+        return "gzip"
+    if re.match(rb"BZh[1-9](?:1AY&SY|\x17\x72\x45\x38\x50\x90)", head[:10]):
+        return "bzip2"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    if _is_tar_header(head[:512]):
+        return "tar"
+    return None
+
+
+def _is_tar_header(block):
+    if len(block) < 512 or block[:1] == b"\0":
+        return False
+    if block[257:262] == b"ustar":
+        return True
+    # Old (v7) archives have no magic: trust a matching header checksum.
+    field = block[148:156].split(b"\0", 1)[0].strip()
+    try:
+        stored = int(field, 8)
+    except ValueError:
+        return False
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:512])
+    return stored == computed
+
+
+_TNEF_MAGIC = b"\x78\x9f\x3e\x22"
+_TNEF_ATTACH_RENDDATA = 0x00069002
+_TNEF_ATTACH_TITLE = 0x00018010
+_TNEF_ATTACH_DATA = 0x0006800F
+_TNEF_ATTACHMENT = 0x00069005  # the attachment's MAPI properties
+_MAPI_FIXED = {0x0001: 0, 0x0002: 2, 0x0003: 4, 0x0004: 4, 0x0005: 8, 0x0006: 8, 0x0007: 8,
+               0x000A: 4, 0x000B: 2, 0x0014: 8, 0x0040: 8, 0x0048: 16}
+_MAPI_STRING8, _MAPI_UNICODE, _MAPI_BINARY, _MAPI_OBJECT = 0x001E, 0x001F, 0x0102, 0x000D
+# PR_ATTACH_LONG_FILENAME, PR_ATTACH_FILENAME, PR_DISPLAY_NAME, PR_ATTACH_EXTENSION,
+# PR_ATTACH_LONG_PATHNAME, PR_ATTACH_PATHNAME
+_MAPI_NAMES = (0x3707, 0x3704, 0x3001, 0x3703, 0x370D, 0x3708)
+_MAPI_ATTACH_DATA = 0x3701
+
+
+class _Reader:
+    """Little-endian reads from bytes that raise ValueError instead of running past the end."""
+
+    def __init__(self, data, pos=0):
+        self.data = data
+        self.pos = pos
+
+    def take(self, n):
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("truncated at offset %d" % self.pos)
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u16(self):
+        return struct.unpack("<H", self.take(2))[0]
+
+    def u32(self):
+        return struct.unpack("<L", self.take(4))[0]
+
+    def padded(self, n):
+        out = self.take(n)
+        self.take(-n % 4)
+        return out
+
+
+def tnef_attachments(data):
+    """
+    The attachments of a TNEF stream (winmail.dat): a list of (names, content or None).  Names
+    come from attAttachTitle and the attachment's MAPI properties (long file name, file name,
+    display name, extension), content from attAttachData or PR_ATTACH_DATA_OBJ (an embedded
+    message or OLE storage there is returned as such: it is examined like any file).  Raises
+    ValueError when the stream is damaged.
+    """
+    reader = _Reader(data)
+    if reader.take(4) != _TNEF_MAGIC:
+        raise ValueError("no TNEF signature")
+    reader.u16()  # legacy key
+    attachments = []
+    current = None
+    while reader.pos < len(data):
+        level = reader.take(1)[0]
+        attribute = reader.u32()
+        value = reader.take(reader.u32())
+        reader.u16()  # checksum
+        if level != 2:
+            continue
+        if current is None or attribute == _TNEF_ATTACH_RENDDATA:
+            current = ([], [None])
+            attachments.append(current)
+        names, content = current
+        if attribute == _TNEF_ATTACH_TITLE:
+            names.append(value.split(b"\0", 1)[0].decode("cp1252", "replace"))
+        elif attribute == _TNEF_ATTACH_DATA:
+            content[0] = value
+        elif attribute == _TNEF_ATTACHMENT:
+            for prop, kind, values in _mapi_properties(value):
+                if prop in _MAPI_NAMES and kind in (_MAPI_STRING8, _MAPI_UNICODE):
+                    for raw in values:
+                        text = raw.decode("utf-16-le" if kind == _MAPI_UNICODE else "cp1252",
+                                          "replace")
+                        names.append(text.split("\0", 1)[0])
+                elif prop == _MAPI_ATTACH_DATA and values and content[0] is None:
+                    content[0] = values[0][16:] if kind == _MAPI_OBJECT else values[0]
+    return [(names, content[0]) for names, content in attachments]
+
+
+def _mapi_properties(data):
+    """(property id, type, [values as bytes]) for a TNEF-encoded MAPI property list."""
+    reader = _Reader(data)
+    count = reader.u32()
+    if count > len(data) // 4:
+        raise ValueError("impossible MAPI property count %d" % count)
+    out = []
+    for _ in range(count):
+        kind = reader.u16()
+        prop = reader.u16()
+        if prop >= 0x8000:  # a named property: GUID, then an id or a name
+            reader.take(16)
+            if reader.u32() == 0:
+                reader.u32()
+            else:
+                reader.padded(reader.u32())
+        base = kind & 0x0FFF
+        if base in (_MAPI_STRING8, _MAPI_UNICODE, _MAPI_BINARY, _MAPI_OBJECT):
+            values = [reader.padded(reader.u32()) for _ in range(_mapi_count(reader, data))]
+        elif base in _MAPI_FIXED:
+            n = _mapi_count(reader, data) if kind & 0x1000 else 1
+            values = [reader.padded(_MAPI_FIXED[base]) for _ in range(n)]
+        else:
+            raise ValueError("unknown MAPI property type 0x%04x" % kind)
+        out.append((prop, base, values))
+    return out
+
+
+def _mapi_count(reader, data):
+    n = reader.u32()
+    if n > len(data) // 4:
+        raise ValueError("impossible MAPI value count %d" % n)
+    return n
+
+
+def _gzip_name(head):
+    """The original file name stored in a gzip header (FNAME), or None."""
+    if len(head) < 10 or not head[3] & 0x08:
+        return None
+    pos = 10
+    if head[3] & 0x04:  # FEXTRA
+        if len(head) < 12:
+            return None
+        pos += 2 + struct.unpack("<H", head[10:12])[0]
+    end = head.find(b"\0", pos)
+    if end < 0:
+        return None
+    return head[pos:end].decode("latin-1") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams and archives.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Blocked(Exception):
+    def __init__(self, label, reason):
+        Exception.__init__(self, label, reason)
+        self.label = label
+        self.reason = reason
+
+
+class _Corrupt(Exception):
+    def __init__(self, label, reason):
+        Exception.__init__(self, label, reason)
+        self.label = label
+        self.reason = reason
+
+
+class _NotZip(Exception):
+    pass
+
+
+# What a damaged archive or compressed stream may raise from the standard library.
+_DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, lzma.LZMAError, zlib.error,
+           OSError, EOFError, ValueError, struct.error, UnicodeError, KeyError, IndexError,
+           OverflowError)
+
+
+class _Source:
+    """The bytes of one file, read once, front to back; head is the first HEAD_SIZE of them."""
+
+    def __init__(self, read, whole=None):
+        self._read = read
+        self.whole = whole  # all the bytes, when they are in memory anyway (a MIME part)
+        pieces = []
+        size = 0
+        while size < HEAD_SIZE:
+            piece = read(HEAD_SIZE - size)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+        self.head = b"".join(pieces)
+        self._pos = 0
+
+    @classmethod
+    def of_bytes(cls, data):
+        return cls(io.BytesIO(data).read, whole=data)
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            n = CHUNK
+        if self._pos < len(self.head):
+            out = self.head[self._pos:self._pos + n]
+            self._pos += len(out)
+            return out
+        return self._read(n)
+
+    def readable(self):
+        return True
+
+    def drain(self, feed=None):
+        while True:
+            chunk = self.read(CHUNK)
+            if not chunk:
+                return
+            if feed is not None:
+                feed(chunk)
+
+
+class _Counting:
+    """A file object counting the bytes read through it (the compressed side of a stream)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.count = 0
+
+    def read(self, n=-1):
+        data = self.source.read(n)
+        self.count += len(data)
+        return data
+
+    def readable(self):
+        return True
+
+
+class _Inspector:
+    def __init__(self, policy, report):
+        self.policy = policy
+        self.report = report
+
+    # -- the meters --------------------------------------------------------------------------
+
+    def _spend(self, n, label):
+        self.report.expanded += n
+        if self.report.expanded > self.policy.max_expanded_size:
+            raise _Blocked(label, "expanded size exceeds max_expanded_size (%d bytes)"
+                           % self.policy.max_expanded_size)
+
+    def _metered(self, read, label, compressed):
+        """read(n) of a decompressing stream, charged to the budget; compressed() says how many
+        compressed bytes have been consumed so far (for the ratio)."""
+        produced = [0]
+        ratio = self.policy.max_compression_ratio
+
+        def metered(n):
+            data = read(min(n if n is not None and n >= 0 else CHUNK, CHUNK))
+            produced[0] += len(data)
+            self._spend(len(data), label)
+            if produced[0] > RATIO_FLOOR and produced[0] > ratio * max(compressed(), 1):
+                raise _Blocked(label, "compression ratio exceeds max_compression_ratio (%g)"
+                               % ratio)
+            return data
+
+        return metered
+
+    def _count_members(self, n, label):
+        self.report.members += n
+        if self.report.members > self.policy.max_archive_members:
+            raise _Blocked(label, "more than max_archive_members (%d) archive members"
+                           % self.policy.max_archive_members)
+
+    def _check_member_name(self, names, label):
+        for name in names:
+            if name:
+                reason = name_problem(name, self.policy)
+                if reason:
+                    raise _Blocked(label, reason)
+
+    # -- content -----------------------------------------------------------------------------
+
+    def examine(self, source, label, level, attachment=True):
+        """
+        Check the content of one file (a MIME part's decoded bytes or an archive member) found
+        inside level archives; raises _Blocked or _Corrupt.
+        """
+        head = source.head
+        if self.policy.detect_executables:
+            kind = sniff_executable(head, attachment)
+            if kind:
+                raise _Blocked(label, "executable content (%s)" % kind)
+        kind = sniff_archive(head)
+        if kind is not None:
+            self._check_depth(label, level)
+            getattr(self, "_" + kind)(source, label, level + 1)
+            return
+        if source.whole is not None and self._trailing_zip(source.whole):
+            # A zip with something in front of it (a "polyglot", which 7-Zip opens whatever its
+            # name).  Not being one after all is no fault of the file's.
+            self._check_depth(label, level)
+            try:
+                self._zip(source, label, level + 1)
+                return
+            except _Corrupt:
+                pass
+        scanner = None
+        if self.policy.detect_executables and head[:8] == _OLE_MAGIC:
+            scanner = _OleScanner()
+            if source.whole is not None:
+                scanner.feed(source.whole)
+            else:
+                source.drain(scanner.feed)
+            if scanner.found:
+                raise _Blocked(label, "executable content (%s)" % scanner.found)
+        if source.whole is None:
+            source.drain()  # every byte of a member is metered (bombs with lying headers)
+
+    def _check_depth(self, label, level):
+        if level + 1 > self.policy.max_archive_depth:
+            raise _Blocked(label, "archive nested deeper than max_archive_depth (%d)"
+                           % self.policy.max_archive_depth)
+
+    def _trailing_zip(self, data):
+        tail = data[-(65536 + 22):]
+        if b"PK\x05\x06" not in tail or b"PK\x01\x02" not in data:
+            return False
+        try:
+            return _zip_entry_count(io.BytesIO(data), 1) > 0
+        except (_NotZip,) + _DAMAGE:
+            return False
+
+    # -- zip ---------------------------------------------------------------------------------
+
+    def _zip(self, source, label, level):
+        if source.whole is not None:
+            self._zip_file(io.BytesIO(source.whole), label, level)
+            return
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
+            source.drain(spool.write)
+            spool.seek(0)
+            self._zip_file(spool, label, level)
+
+    def _zip_file(self, fileobj, label, level):
+        policy = self.policy
+        try:
+            count = _zip_entry_count(fileobj, policy.max_archive_members + 1)
+        except (_NotZip,) + _DAMAGE as e:
+            raise _Corrupt(label, "corrupt zip archive (%s)" % _why(e))
+        if self.report.members + count > policy.max_archive_members:
+            raise _Blocked(label, "more than max_archive_members (%d) archive members"
+                           % policy.max_archive_members)
+        try:
+            fileobj.seek(0)
+            archive = zipfile.ZipFile(fileobj)
+        except _DAMAGE + (NotImplementedError, RuntimeError) as e:
+            raise _Corrupt(label, "corrupt zip archive (%s)" % _why(e))
+        with archive:
+            infos = archive.infolist()
+            if len(infos) > count:  # never: the same directory was counted
+                raise _Blocked(label, "more than max_archive_members (%d) archive members"
+                               % policy.max_archive_members)
+            declared = sum(info.file_size for info in infos if not info.flag_bits & 1)
+            if self.report.expanded + declared > policy.max_expanded_size:
+                raise _Blocked(label, "declared expanded size exceeds max_expanded_size (%d bytes)"
+                               % policy.max_expanded_size)
+            if policy.detect_executables:
+                kind = _zip_package_kind(infos)
+                if kind:
+                    raise _Blocked(label, "executable content (%s)" % kind)
+            for info in infos:
+                self._zip_member(archive, info, label, level)
+
+    def _zip_member(self, archive, info, label, level):
+        policy = self.policy
+        names = _zip_member_names(info)
+        member = "%s: %s" % (label, display_name(names[0]))
+        self._count_members(1, label)
+        if info.is_dir():
+            return
+        self._check_member_name(names, member)
+        if info.flag_bits & 1:
+            if policy.reject_encrypted:
+                raise _Blocked(member, "encrypted archive member")
+            return  # allowed: only its name could be checked
+        ratio = policy.max_compression_ratio
+        if info.file_size > RATIO_FLOOR and info.file_size > ratio * max(info.compress_size, 1):
+            raise _Blocked(member, "compression ratio exceeds max_compression_ratio (%g)" % ratio)
+        try:
+            stream = archive.open(info)
+        except NotImplementedError as e:
+            raise _Blocked(member, "cannot be inspected (%s)" % _why(e))
+        except _DAMAGE + (RuntimeError,) as e:
+            raise _Corrupt(label, "corrupt zip archive (%s)" % _why(e))
+        with stream:
+            try:
+                read = self._metered(stream.read, member, lambda: info.compress_size)
+                self.examine(_Source(read), member, level)
+            except _DAMAGE as e:  # from this zip's stream (nested archives report their own)
+                raise _Corrupt(label, "corrupt zip archive (%s)" % _why(e))
+
+    # -- tar ---------------------------------------------------------------------------------
+
+    def _tar(self, source, label, level):
+        try:
+            archive = tarfile.open(fileobj=source, mode="r|")
+        except _DAMAGE as e:
+            raise _Corrupt(label, "corrupt tar archive (%s)" % _why(e))
+        try:
+            while True:
+                try:
+                    info = archive.next()
+                except _DAMAGE as e:
+                    raise _Corrupt(label, "corrupt tar archive (%s)" % _why(e))
+                if info is None:
+                    return
+                archive.members = []  # stream mode needs no index; keep memory flat
+                self._count_members(1, label)
+                name = _fix_surrogates(info.name)
+                member = "%s: %s" % (label, display_name(name))
+                if info.isdir() or not (info.isfile() or info.issym() or info.islnk()):
+                    continue
+                self._check_member_name([name], member)
+                if not info.isfile():
+                    continue
+                try:
+                    stream = archive.extractfile(info)
+                except _DAMAGE as e:
+                    raise _Corrupt(label, "corrupt tar archive (%s)" % _why(e))
+                read = stream.read
+                if info.issparse():  # holes expand from nothing: meter them like decompression
+                    read = self._metered(stream.read, member, lambda: max(info.size, 1))
+                try:
+                    self.examine(_Source(read), member, level)
+                except (tarfile.TarError, EOFError) as e:
+                    raise _Corrupt(label, "corrupt tar archive (%s)" % _why(e))
+        finally:
+            archive.close()
+
+    # -- TNEF (winmail.dat: Outlook shows what is inside as attachments) --------------------
+
+    def _tnef(self, source, label, level):
+        data = source.whole
+        if data is None:  # inside another archive: its bytes were metered as they were read
+            data = b"".join(iter(lambda: source.read(CHUNK), b""))
+        try:
+            found = tnef_attachments(data)
+        except (ValueError, struct.error, IndexError) as e:
+            raise _Corrupt(label, "corrupt TNEF (%s)" % _why(e))
+        self._count_members(len(found), label)
+        for i, (names, content) in enumerate(found):
+            names = [_fix_surrogates(name) for name in names if name.strip()]
+            shown = display_name(names[0]) if names else "attachment %d" % (i + 1)
+            member = "%s: %s" % (label, shown)
+            self._check_member_name(names, member)
+            if content is not None:
+                self.examine(_Source.of_bytes(content), member, level)
+
+    # -- single-stream compressors -----------------------------------------------------------
+
+    def _gzip(self, source, label, level):
+        self._compressed(source, label, level, "gzip",
+                         lambda f: gzip.GzipFile(fileobj=f, mode="rb"), _gzip_name(source.head))
+
+    def _bzip2(self, source, label, level):
+        self._compressed(source, label, level, "bzip2", lambda f: bz2.BZ2File(f, "rb"), None)
+
+    def _xz(self, source, label, level):
+        self._compressed(source, label, level, "xz",
+                         lambda f: lzma.LZMAFile(f, "rb", format=lzma.FORMAT_XZ), None)
+
+    def _compressed(self, source, label, level, kind, opener, stored_name):
+        counting = _Counting(source)
+        try:
+            stream = opener(counting)
+            inner = _Source(self._metered(stream.read, label, lambda: counting.count))
+            if sniff_archive(inner.head) == "tar":
+                self._tar(inner, label, level)  # .tar.gz and friends: one level
+                return
+            self._count_members(1, label)
+            name = stored_name or _uncompressed_name(label, kind)
+            member = "%s: %s" % (label, display_name(name))
+            self._check_member_name([name], member)
+            self.examine(inner, member, level)
+        except (_Blocked, _Corrupt):
+            raise
+        except _DAMAGE as e:
+            raise _Corrupt(label, "corrupt %s stream (%s)" % (kind, _why(e)))
+
+
+def _why(exception):
+    text = str(exception) or type(exception).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _uncompressed_name(label, kind):
+    last = label.rsplit(": ", 1)[-1]
+    lower = last.lower()
+    for suffix, replacement in ((".tgz", ".tar"), (".gz", ""), (".bz2", ""), (".xz", ""),
+                                (".tbz2", ".tar"), (".txz", ".tar")):
+        if lower.endswith(suffix) and len(last) > len(suffix):
+            return last[:-len(suffix)] + replacement
+    return "(%s content)" % kind
+
+
+def _zip_member_names(info):
+    names = [_fix_surrogates(info.filename)]
+    if not info.flag_bits & 0x800:
+        # Decoded as cp437 by zipfile; a tool that guesses UTF-8 would see something else.
+        try:
+            utf8 = info.filename.encode("cp437").decode("utf-8")
+        except (UnicodeError, ValueError):
+            utf8 = None
+        if utf8 and utf8 not in names:
+            names.append(utf8)
+    extra = info.extra or b""
+    pos = 0
+    while pos + 4 <= len(extra):
+        kind, size = struct.unpack("<HH", extra[pos:pos + 4])
+        data = extra[pos + 4:pos + 4 + size]
+        if kind == 0x7075 and len(data) > 5 and data[0] == 1:  # Info-ZIP Unicode Path
+            unicode_name = data[5:].decode("utf-8", "replace")
+            if unicode_name not in names:
+                names.append(unicode_name)
+        pos += 4 + size
+    return names
+
+
+def _zip_package_kind(infos):
+    """A zip that is an executable package by its layout: a Java archive, an APK, an AppX."""
+    names = {info.filename.replace("\\", "/").lower() for info in infos}
+    if "meta-inf/manifest.mf" in names and any(n.endswith(".class") for n in names):
+        return "Java archive"
+    if "androidmanifest.xml" in names and "classes.dex" in names:
+        return "Android package"
+    if "appxmanifest.xml" in names or "appxmetadata/appxbundlemanifest.xml" in names:
+        return "Windows app package"
+    return None
+
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+
+
+def _zip_entry_count(fp, limit):
+    """
+    The number of central directory entries zipfile.ZipFile would read (found the same way), but
+    counting at most limit of them: ZipFile builds an object per entry before anything can be
+    checked.  Raises _NotZip when there is no end of central directory record.
+    """
+    fp.seek(0, 2)
+    size = fp.tell()
+    if size < _EOCD.size:
+        raise _NotZip("too short")
+    fp.seek(size - _EOCD.size)
+    record = fp.read(_EOCD.size)
+    if record[:4] == b"PK\x05\x06" and record[-2:] == b"\0\0":
+        location = size - _EOCD.size
+    else:
+        start = max(size - 65536 - _EOCD.size, 0)
+        fp.seek(start)
+        tail = fp.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            raise _NotZip("no end of central directory")
+        record = tail[at:at + _EOCD.size]
+        location = start + at
+    fields = _EOCD.unpack(record)
+    cd_size, cd_offset = fields[5], fields[6]
+    concat = location - cd_size - cd_offset
+    if location >= _EOCD64_LOCATOR.size:
+        fp.seek(location - _EOCD64_LOCATOR.size)
+        locator = fp.read(_EOCD64_LOCATOR.size)
+        if locator[:4] == b"PK\x06\x07" and location >= _EOCD64_LOCATOR.size + _EOCD64.size:
+            fp.seek(location - _EOCD64_LOCATOR.size - _EOCD64.size)
+            record64 = fp.read(_EOCD64.size)
+            if record64[:4] == b"PK\x06\x06":
+                fields64 = _EOCD64.unpack(record64)
+                cd_size, cd_offset = fields64[8], fields64[9]
+                concat = location - cd_size - cd_offset - _EOCD64_LOCATOR.size - _EOCD64.size
+    start = cd_offset + concat
+    if start < 0 or start > size:
+        raise _NotZip("bad central directory offset")
+    fp.seek(start)
+    count = 0
+    total = 0
+    while total < cd_size and count < limit:
+        header = fp.read(_CENTRAL.size)
+        if len(header) != _CENTRAL.size or header[:4] != b"PK\x01\x02":
+            break  # ZipFile will call it corrupt
+        fields = _CENTRAL.unpack(header)
+        skip = fields[12] + fields[13] + fields[14]
+        fp.seek(skip, 1)
+        total += _CENTRAL.size + skip
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# MIME.
+# ---------------------------------------------------------------------------------------------
+
+_STRUCTURAL_DEFECTS = {
+    email_errors.StartBoundaryNotFoundDefect: "multipart start boundary not found",
+    email_errors.CloseBoundaryNotFoundDefect: "multipart close boundary not found",
+    email_errors.NoBoundaryInMultipartDefect: "multipart without a boundary",
+    email_errors.MultipartInvariantViolationDefect: "multipart without parts",
+    email_errors.MissingHeaderBodySeparatorDefect: "header line without a colon",
+    email_errors.FirstHeaderLineIsContinuationDefect: "first header line is a continuation",
+    email_errors.InvalidMultipartContentTransferEncodingDefect:
+        "multipart with a Content-Transfer-Encoding other than 7bit, 8bit or binary",
+}
+_UNIQUE_HEADERS = ("content-type", "content-transfer-encoding")
+_BOUNDARY = re.compile(r"(?:^|[;\s])boundary\*?[0-9]*\*?\s*=", re.IGNORECASE)
+_UU_BEGIN = re.compile(rb"^begin [0-7]{3,4} ", re.MULTILINE)
+
+
+def _where(path):
+    return "part %s" % ".".join(str(i + 1) for i in path) if path else "message body"
+
+
+def _cte(part):
+    """
+    The Content-Transfer-Encoding's first token, lower-case: "base64" also for "base64 (a
+    comment)", "BASE64; junk" or '"base64"', which clients decode as base64 while the email
+    package would not decode them at all.
+    """
+    for name, value in part.raw_items():
+        if name.lower() == "content-transfer-encoding":
+            match = re.match(r'[\s"]*([A-Za-z0-9_-]+)', str(value))
+            return match.group(1).lower() if match else ""
+    return ""
+
+
+_NO_PAYLOAD = object()
+
+
+def _raw_payload(part):
+    """
+    The payload bytes as received.  Not part.get_payload(): for 8-bit content it decodes the
+    bytes with the part's charset, replacing what does not decode (an 8bit or binary executable
+    would lose its headers), and it raises on some charset names.
+    """
+    payload = getattr(part, "_payload", _NO_PAYLOAD)
+    if payload is _NO_PAYLOAD:
+        payload = part.get_payload()
+    if payload is None:
+        return b""
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    if not isinstance(payload, str):
+        return str(payload).encode("utf-8", "replace")
+    try:
+        return payload.encode("ascii", "surrogateescape")
+    except UnicodeError:  # text set by a program, not parsed from bytes
+        return payload.encode("utf-8", "surrogateescape")
+
+
+def _decode_base64(data):
+    """
+    As the email package decodes it (bad characters ignored, padding added); -> (bytes, ok).
+    When the length is impossible, the best guess (the stray last character dropped), not ok.
+    """
+    data = b"".join(data.split())
+    missing = b"==="[:4 - len(data) % 4] if len(data) % 4 else b""
+    try:
+        return base64.b64decode(data + missing, validate=True), True
+    except binascii.Error:
+        pass
+    for extra in (b"", b"==", b"=="):
+        try:
+            return base64.b64decode(data + extra, validate=False), True
+        except binascii.Error:
+            continue
+    clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+    try:
+        return base64.b64decode(clean[:len(clean) - len(clean) % 4], validate=False), False
+    except binascii.Error:
+        return b"", False
+
+
+def _decode_uu(data, limit=None):
+    """The first uuencoded file in data (at most about limit bytes of it) -> (bytes, ok)."""
+    out = []
+    size = 0
+    started = False
+    for line in io.BytesIO(data):
+        line = line.rstrip(b"\r\n")
+        if limit is not None and size >= limit:
+            break
+        if not started:
+            started = line.startswith(b"begin ")
+            continue
+        if line.strip() == b"end":
+            break
+        try:
+            piece = binascii.a2b_uu(line)
+        except binascii.Error:
+            return b"".join(out), False
+        out.append(piece)
+        size += len(piece)
+    return b"".join(out), started
+
+
+def decode_payload(part):
+    """The decoded bytes of a leaf part -> (bytes, problem or None)."""
+    raw = _raw_payload(part)
+    cte = _cte(part)
+    if cte == "base64":
+        data, ok = _decode_base64(raw)
+        return data, None if ok else "base64 content cannot be decoded"
+    if cte == "quoted-printable":
+        return quopri.decodestring(raw), None
+    if cte in ("x-uuencode", "uuencode", "uue", "x-uue"):
+        data, ok = _decode_uu(raw)
+        return data, None if ok else "uuencoded content cannot be decoded"
+    return raw, None
+
+
+def _content_type(part, raw_headers, children):
+    """part.get_content_type(), or when the email package cannot parse the header (it raises
+    on some), the raw value; a part parsed as a container stays one."""
+    try:
+        return part.get_content_type()
+    except Exception:
+        pass
+    for header, value in raw_headers:
+        if header == "content-type":
+            ctype = re.sub(r"\s+", "", str(value).split(";", 1)[0]).lower()
+            if re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
+                if (children is not None) == ctype.startswith(("multipart/", "message/")):
+                    return ctype
+            break
+    return "multipart/mixed" if children is not None else "application/octet-stream"
+
+
+def _declared_types(part, ctype):
+    types = [ctype]
+    for header, raw in part.raw_items():
+        if header.lower() == "content-type" and isinstance(raw, str):
+            value = raw.replace("\r", "").replace("\n", "").split(";", 1)[0].strip().lower()
+            value = re.sub(r"\s+", "", value)
+            if value and value not in types:
+                types.append(value)
+    return types
+
+
+def _type_blocked(types, policy):
+    for declared in types:
+        for blocked in policy.mime_types:
+            if blocked.endswith("/*"):
+                if declared.split("/", 1)[0] == blocked[:-2]:
+                    return declared
+            elif declared == blocked:
+                return declared
+    return None
+
+
+def _children(part):
+    if part.is_multipart():  # the payload is a list: get_payload() returns it as is
+        return part.get_payload()
+    return None
+
+
+def _reparse_encoded_message(part):
+    """
+    A message/* part with a base64 or quoted-printable body (forbidden by RFC 2046, so the email
+    package parsed the encoded text itself as the inner message): decode and parse it again.
+    """
+    from email.parser import BytesParser
+    children = _children(part) or []
+    if not children:
+        return None
+    encoded = children[0].as_bytes()
+    cte = _cte(part)
+    data = _decode_base64(encoded)[0] if cte == "base64" else quopri.decodestring(encoded)
+    return BytesParser(policy=part.policy).parsebytes(data)
+
+
+class _Walk:
+    def __init__(self, policy):
+        self.policy = policy
+        self.report = Report()
+        self.inspector = _Inspector(policy, self.report)
+
+    def _malformed(self, text):
+        if text not in self.report.malformed:
+            self.report.malformed.append(text)
+
+    def _block(self, path, name, reason):
+        self.report.blocked.append(Finding(tuple(path), name, reason))
+
+    def run(self, message):
+        policy = self.policy
+        # (path of the part, the part, its MIME depth, anchor): anchor is None, or the path of the
+        # message/* part whose decoded body this part comes from (what to strip for it).
+        stack = [((), message, 0, None)]
+        while stack:
+            path, part, depth, anchor = stack.pop()
+            self.report.parts += 1
+            if self.report.parts > policy.max_parts:
+                self._malformed("more than max_parts (%d) MIME parts" % policy.max_parts)
+                if policy.stop_at_limits:
+                    break
+            if depth > policy.max_mime_depth:
+                self._malformed("MIME nesting deeper than max_mime_depth (%d)"
+                                % policy.max_mime_depth)
+                if policy.stop_at_limits:
+                    break
+            try:
+                children, reparsed = self._part(path, part, anchor)
+            except Exception as e:  # the other parts are still checked
+                self.report.errors.append((_where(path), e))
+                self._malformed("%s could not be inspected (%s)" % (_where(path), type(e).__name__))
+                children, reparsed = None, False
+            if children:
+                child_anchor = path if reparsed and anchor is None else anchor
+                for i in reversed(range(len(children))):
+                    stack.append((path + (i,), children[i], depth + 1, child_anchor))
+        return self.report
+
+    def _part(self, path, part, anchor):
+        """Check one part -> (its children to walk or None, whether they were re-parsed)."""
+        where = _where(path)
+        strip_path = anchor if anchor is not None else path
+        for defect in getattr(part, "defects", ()) or ():
+            for kind, text in _STRUCTURAL_DEFECTS.items():
+                if isinstance(defect, kind):
+                    self._malformed("%s: %s" % (where, text))
+        raw_headers = [(name.lower(), value) for name, value in part.raw_items()]
+        for name in _UNIQUE_HEADERS:
+            if sum(1 for header, _value in raw_headers if header == name) > 1:
+                self._malformed("%s: more than one %s header" % (where, name.title()))
+        for header, value in raw_headers:
+            if header == "content-type" and len(_BOUNDARY.findall(str(value))) > 1:
+                # Each MIME parser picks one of them: the structure is whatever it chooses.
+                self._malformed("%s: more than one boundary parameter" % where)
+        children = _children(part)
+        ctype = _content_type(part, raw_headers, children)  # parsing headers is costly: once
+        maintype = ctype.split("/", 1)[0]
+        if children is not None and maintype != "message":
+            return children, False
+        if children is None and maintype in ("multipart", "message"):
+            maintype = "application"  # not parsed as a container: examined as a file
+        # A name parameter always has "name" in its key, whatever encoding its value uses.
+        mentions_name = any("name" in str(value).lower() for header, value in raw_headers
+                            if header in ("content-type", "content-disposition"))
+        names = part_names(part) if mentions_name else []
+        label = display_name(names[0]) if names else "unnamed %s" % where if path else where
+        if self._blocked_by_headers(strip_path, part, ctype, names, label):
+            return None, False
+        if maintype == "message":
+            if ctype == "message/partial":
+                self._block(strip_path, label, "fragmented message (message/partial) cannot be "
+                            "inspected")
+                return None, False
+            cte = _cte(part)
+            if cte in ("base64", "quoted-printable"):
+                self._malformed("%s: message/* part with Content-Transfer-Encoding %s"
+                                % (where, cte))
+                inner = _reparse_encoded_message(part)
+                return ([inner], True) if inner is not None else (None, False)
+            return children, False
+        data, problem = decode_payload(part)
+        if problem:
+            self._malformed("%s: %s" % (where, problem))
+        attachment = bool(names) or maintype not in ("text", "multipart", "message") or any(
+            header == "content-disposition" and
+            str(value).split(";", 1)[0].strip().lower() == "attachment"
+            for header, value in raw_headers)
+        try:
+            self.inspector.examine(_Source.of_bytes(data), label, 0, attachment=attachment)
+        except _Blocked as e:
+            self._block(strip_path, e.label, e.reason)
+            return None, False
+        except _Corrupt as e:
+            self._malformed("%s: %s" % (e.label, e.reason))
+        if maintype == "text" and _UU_BEGIN.search(data):
+            self._inline_uuencode(strip_path, label, data)
+        return None, False
+
+    def _blocked_by_headers(self, strip_path, part, ctype, names, label):
+        for name in names:
+            reason = name_problem(name, self.policy)
+            if reason:
+                self._block(strip_path, display_name(name), reason)
+                return True
+        declared = _type_blocked(_declared_types(part, ctype), self.policy) \
+            if self.policy.mime_types else None
+        if declared:
+            self._block(strip_path, label, "blocked content type %s" % declared)
+            return True
+        return False
+
+    def _inline_uuencode(self, strip_path, label, data):
+        """
+        uuencoded files in a plain text body (Outlook shows them as attachments): every name is
+        checked, the content of the first MAX_UU_BLOCKS (their first HEAD_SIZE bytes).
+        """
+        for count, match in enumerate(_UU_BEGIN.finditer(data)):
+            end = data.find(b"\n", match.end())
+            line = data[match.end():end if end >= 0 else len(data)].strip()
+            name = _decode_bytes(line)
+            member = "%s: %s" % (label, display_name(name))
+            reason = name_problem(name, self.policy)
+            if reason is None and self.policy.detect_executables and count < MAX_UU_BLOCKS:
+                encoded = data[match.start():match.start() + 2 * HEAD_SIZE]  # 45 bytes a line
+                block, _ok = _decode_uu(encoded, HEAD_SIZE)
+                reason = sniff_executable(block[:HEAD_SIZE], True)
+                reason = reason and "executable content (%s)" % reason
+            if reason:
+                self._block(strip_path, member, reason)
+                return
+
+
+def inspect(message, policy):
+    """Walk message (an email.message.EmailMessage) under policy (a Policy) -> Report."""
+    return _Walk(policy).run(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stripping.
+# ---------------------------------------------------------------------------------------------
+
+
+def _get(message, path):
+    part = message
+    for i in path:
+        part = part.get_payload()[i]
+    return part
+
+
+def strip(message, findings):
+    """
+    A copy of message with each MIME part named by findings replaced by a short text/plain part
+    saying what was removed and why.  A blocked part that is the whole of an attached message
+    takes that message/rfc822 part with it; the root, when it is itself the attachment, keeps its
+    headers and gets the note as its body.  The original message is not modified.
+    """
+    new = copy.deepcopy(message)
+    notes = {}
+    for finding in findings:
+        path = tuple(finding.path)
+        while path and _get(new, path[:-1]).get_content_maintype() == "message":
+            path = path[:-1]
+        notes.setdefault(path, []).append(finding)
+    done = []
+    for path in sorted(notes, key=len):
+        if any(path[:len(parent)] == parent for parent in done):
+            continue  # inside a part already replaced
+        done.append(path)
+        lines = ["The mail gateway removed an attachment from this message:", ""]
+        for finding in notes[path]:
+            lines.append("  %s: %s" % (finding.name, finding.reason))
+        text = "\n".join(lines) + "\n"
+        if not path:
+            new.clear_content()
+            new.set_content(text, disposition="inline")
+            continue
+        note = MIMEPart(policy=new.policy)
+        note.set_content(text, disposition="inline")
+        _get(new, path[:-1]).get_payload()[path[-1]] = note
+    return new

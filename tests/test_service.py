@@ -14,7 +14,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from mailgate import Gateway
-from mailgate.config import AuthConfig, Config, GatewayConfig, Limits, QueueConfig, TLSConfig
+from mailgate.config import AuthConfig, Config, DNSConfig, GatewayConfig, Limits, QueueConfig, TLSConfig
 from mailgate.errors import ConfigError
 from mailgate.smtpd import SMTPFactory
 
@@ -55,6 +55,7 @@ def make_config(case, listeners=None):
         queue=QueueConfig(path=root + "/spool"),
         tls=TLSConfig(certificate=cert, private_key=key),
         auth=AuthConfig(),
+        dns=DNSConfig(nameservers=(("127.0.0.1", 1),)),  # never the system resolver; unused here
         listeners=listeners or (
             listener(name="relay", endpoint="tcp:2525:interface=127.0.0.1"),
             listener(name="smtps", endpoint="tcp:2465:interface=127.0.0.1", role="submission",

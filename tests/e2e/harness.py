@@ -10,8 +10,14 @@ wrote to disk, independently of mailgate's own modules.
     gw.stop()                           # SIGTERM and wait; gw.kill9() for a crash
 
 Nothing here sleeps to wait for something: the child's output is read by threads into a queue
-and waited for with a deadline.  Network use is 127.0.0.1 only, and every smtplib client gets an
-explicit local_hostname (smtplib would otherwise ask the resolver for this machine's FQDN).
+and waited for with a deadline, and what is only visible on disk is polled with short waits until
+a deadline (wait_until).  Network use is loopback only (127.0.0.0/8), every smtplib client gets an
+explicit local_hostname (smtplib would otherwise ask the resolver for this machine's FQDN), and
+every gateway configuration names a loopback test DNS server in [dns] nameservers.
+
+The gateway delivers what it accepts: tests about accepting give it a Holding (a route for every
+domain to a sink answering 451), so that accepted mail stays in active/ or deferred/; the spool
+readers (queued_ids, spool_entry) look in both.
 """
 
 import datetime
@@ -37,6 +43,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests import sinks
+from tests.dnsserver import TestDNS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -384,15 +393,17 @@ def listen_socket():
     return s
 
 
-def base_config(directory, cert, key, users, **gateway):
+def base_config(directory, cert, key, users, holding, **gateway):
     """
     The usual three listeners: relay (tls optional, relay_ips 127.0.0.2), submission (STARTTLS,
     AUTH required) and smtps (implicit TLS); paths are relative to directory, as the contract says.
+    holding (a started Holding): its [dns] and its route for every domain, so that what the
+    gateway accepts stays queued (in active/ or deferred/) instead of being delivered or bounced.
     """
     rel = lambda p: os.path.relpath(p, directory)  # noqa: E731
     gateway_section = {"hostname": HOSTNAME, "accepted_domains": "example.com", "max_message_size": "1M"}
     gateway_section.update(gateway)
-    return {
+    config = {
         "gateway": gateway_section,
         "limits": {"command_timeout": "5m"},
         "queue": {"path": "spool"},
@@ -404,6 +415,107 @@ def base_config(directory, cert, key, users, **gateway):
         "listener:smtps": {"endpoint": "tcp:{port}:interface=127.0.0.1", "role": "submission",
                            "tls": "implicit"},
     }
+    config.update(holding.sections())
+    return config
+
+
+# --- keeping accepted mail queued ------------------------------------------------------------------
+
+HOLD_REPLY = (451, "4.3.0 Held by the test harness")
+
+
+class Holding:
+    """
+    The gateway delivers what it accepts.  Tests about accepting (and crashing) want the mail to
+    stay in the spool: this gives their gateway a loopback DNS server (so that nothing asks the
+    system resolver) and one route for every domain, to a sink that answers every RCPT with
+    451 4.3.0.  Each message is then tried once and moved to deferred/ (with a state file), and
+    retried only after [delivery] retry (1h here).  Nothing is bounced, no DSN is made.
+
+        holding = Holding().start()
+        config.update(holding.sections())
+        ...
+        holding.stop()
+    """
+
+    def __init__(self):
+        self.dns = TestDNS()
+        self.sink = sinks.Sink(rcpt_default=HOLD_REPLY)
+
+    def start(self):
+        self.dns.start_thread()
+        try:
+            self.sink.start()
+        except BaseException:
+            self.dns.stop_thread()
+            raise
+        return self
+
+    def stop(self):
+        try:
+            self.sink.stop()
+        finally:
+            self.dns.stop_thread()
+
+    def sections(self, retry="1h"):
+        return {
+            "dns": {"nameservers": "%s:%d" % self.dns.address, "timeout": "2s"},
+            "delivery": {"retry": retry, "delay_warning": "0"},
+            "route:hold": {"domains": "*", "smarthost": "%s:%d" % (self.sink.host, self.sink.port),
+                           "tls": "none"},
+        }
+
+
+class PortSink(sinks.Sink):
+    """
+    A tests.sinks.Sink on a port chosen by the caller instead of an ephemeral one: MX hosts are
+    all reached on [delivery] mx_port, so the sinks standing in for them listen on the SAME port
+    on different loopback addresses (127.0.0.2, 127.0.0.3, ...).  OSError when it is taken.
+    """
+
+    def __init__(self, host, port, per_connection=None, **behaviour):
+        sinks.Sink.__init__(self, host=host, per_connection=per_connection, **behaviour)
+        self.wanted_port = port
+
+    def start(self):
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._server = sinks._Server(self, (self.host, self.wanted_port), family)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs=dict(poll_interval=0.05),
+            name="sink-%s-%d" % (self.host, self.port), daemon=True,
+        )
+        self._thread.start()
+        return self.port
+
+
+def common_free_port(hosts):
+    """A TCP port free a moment ago on every address in hosts."""
+    for _ in range(100):
+        port = free_port()
+        if all(port_is_free(port, host) for host in hosts):
+            return port
+    raise RuntimeError("no port free on all of %s" % (hosts,))
+
+
+# --- waiting -----------------------------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout, what, interval=0.05):
+    """
+    Poll predicate (short waits, with a deadline) until it returns something true, and return
+    that; an AssertionError saying what was awaited when the deadline passes.  what may be a
+    callable giving the text (evaluated at the deadline, to show the state then).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s"
+                                 % (timeout, what() if callable(what) else what))
+        time.sleep(interval)
 
 
 # --- certificates --------------------------------------------------------------------------------
@@ -596,8 +708,55 @@ def spool_listing(spool):
             if os.path.isdir(os.path.join(spool, d))}
 
 
-def spool_entry(spool, queue_id, state="active"):
-    return read_entry(os.path.join(spool, state, queue_id))
+# Where a message waits for delivery: accepted into active/, moved to deferred/ after a failed
+# attempt (delivery never moves it back), removed when every recipient has an outcome.
+QUEUED_DIRS = ("active", "deferred")
+
+
+def queued_ids(spool):
+    """The ids of every message waiting for delivery (active/ and deferred/).  active/ is listed
+    first, so that a message moving to deferred/ meanwhile is seen in one or the other."""
+    ids = set()
+    for state in QUEUED_DIRS:
+        directory = os.path.join(spool, state)
+        if os.path.isdir(directory):
+            ids.update(os.listdir(directory))
+    return ids
+
+
+def queued_state(spool, queue_id):
+    """The directory (active or deferred) holding queue_id now, or None."""
+    for _ in range(3):  # a move active -> deferred between the two checks: look again
+        for state in QUEUED_DIRS:
+            if os.path.lexists(os.path.join(spool, state, queue_id)):
+                return state
+    return None
+
+
+def spool_entry(spool, queue_id, state=None):
+    """
+    The entry of queue_id, read from state (a spool directory) when given; by default from
+    active/ or deferred/, wherever it is (it may move from one to the other while being looked for).
+    """
+    if state is not None:
+        return read_entry(os.path.join(spool, state, queue_id))
+    for _ in range(3):
+        for where in QUEUED_DIRS:
+            try:
+                return read_entry(os.path.join(spool, where, queue_id))
+            except FileNotFoundError:
+                continue
+    raise BadEntry("%s: in neither active/ nor deferred/ of %s: %s"
+                   % (queue_id, spool, spool_listing(spool)))
+
+
+def read_state(spool, queue_id):
+    """The delivery state saved for queue_id (state/<id>, JSON), or None when there is none."""
+    try:
+        with open(os.path.join(spool, "state", queue_id), "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
 
 
 ENVELOPE_FIELDS = {"queue_id", "sender", "recipients", "client_ip", "client_port", "helo", "listener",

@@ -2,7 +2,9 @@
 End to end: the real gateway (twistd) accepting mail on its three kinds of listener, every SMTP
 reply of the contract, and what lands in the spool for each accepted message.
 
-One gateway serves the whole module; every test uses its own sessions.
+One gateway serves the whole module; every test uses its own sessions.  Its outbound mail is held
+(harness.Holding: every recipient answered 451 by a loopback sink), so accepted messages stay
+queued, in active/ or, after the first attempt, deferred/.
 """
 
 import base64
@@ -39,16 +41,21 @@ def env(tmp_path_factory):
     set_user(users, ALICE[0], ALICE[1])
     set_user(users, BOB[0], BOB[1], senders=("bob@example.com", "@example.org"))
     e.gw = h.Gateway(os.path.join(root, "gw"))
+    e.holding = h.Holding().start()
     try:
-        e.gw.start(h.base_config(e.gw.directory, cert, key, users))
+        e.gw.start(h.base_config(e.gw.directory, cert, key, users, e.holding))
         e.spool = e.gw.path("spool")
         e.tls = h.client_context(e.ca.ca_path)
         yield e
         e.gw.stop()
         assert e.gw.stopped_cleanly(), e.gw.describe()
         assert "Traceback" not in e.gw.all_output(), e.gw.describe()
+        assert e.holding.sink.messages == []  # held: nothing was delivered
     finally:
-        e.gw.cleanup()
+        try:
+            e.gw.cleanup()
+        finally:
+            e.holding.stop()
 
 
 @pytest.fixture
@@ -89,9 +96,9 @@ def b64(text):
 
 
 def check_entry(env, queue_id, message, **expected):
-    """The spool file of an accepted message: complete, crc ok, envelope fields, Received first."""
-    listing = h.spool_listing(env.spool)
-    assert queue_id in listing["active"], listing
+    """The spool file of an accepted message (queued: in active/ or deferred/): complete, crc ok,
+    envelope fields, Received first."""
+    assert queue_id in h.queued_ids(env.spool), h.spool_listing(env.spool)
     entry = h.spool_entry(env.spool, queue_id)
     envelope = entry.envelope
     assert h.ENVELOPE_FIELDS <= set(envelope), sorted(envelope)
@@ -198,13 +205,13 @@ def test_size_limit(env, clients):
     assert (code, text) == (552, "5.3.4 Message size exceeds fixed limit")
     assert reply(client, "MAIL", "FROM:<a@example.org> SIZE=%d" % (1024 * 1024)) == (250, "2.1.0 Ok")
     assert client.rcpt("user@example.com")[0] == 250
-    before = set(h.spool_listing(env.spool)["active"])
+    before = h.queued_ids(env.spool)
     # > 1M without the headers.  (Short lines: 998-octet ones cost the server ~4 s of CPU per MB,
     # see mailgate/datascan.py _LONG_LINE.)
     big = h.make_message("too big", body=("x" * 76 + "\r\n") * 14000)
     code, text = client.data(big)
     assert (code, text) == (552, b"5.3.4 Message size exceeds fixed limit")
-    assert set(h.spool_listing(env.spool)["active"]) == before
+    assert h.queued_ids(env.spool) == before
     # The session goes on.
     message = h.make_message("after too big")
     queue_id = h.transaction(client, "a@example.org", ["user@example.com"], message)
@@ -403,8 +410,19 @@ def test_tls12_cbc_only_client_is_refused(env, clients):
 
 def test_spool_has_no_partial_files(env):
     """After all of the above: every entry readable, nothing left in tmp/, nothing corrupt."""
+    # Delivery writes state files through tmp/: wait until it has tried every message once (all
+    # in deferred/, the next attempt an hour away) and nothing writes to the spool any more.
+    h.wait_until(lambda: not h.spool_listing(env.spool)["active"], 30,
+                 lambda: "active/ to drain into deferred/: %s" % h.spool_listing(env.spool))
     listing = h.spool_listing(env.spool)
     assert listing["tmp"] == [] and listing["corrupt"] == []
-    assert listing["active"]
-    for name in listing["active"]:
-        h.spool_entry(env.spool, name)
+    assert listing["active"] or listing["deferred"]
+    for state in h.QUEUED_DIRS:
+        for name in listing[state]:
+            try:
+                h.spool_entry(env.spool, name, state)
+            except FileNotFoundError:  # moved to deferred/ since the listing: read it there
+                h.spool_entry(env.spool, name)
+    # Held, never bounced: no DSN was queued (they come from <> and are for the senders).
+    for name in h.queued_ids(env.spool):
+        assert h.spool_entry(env.spool, name).envelope["protocol"] != "local", name

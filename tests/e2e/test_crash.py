@@ -1,7 +1,9 @@
 """
 End to end: kill -9 the gateway while clients are sending, restart it on the same spool, and
-check that every message that got a 250 is in active/, complete and intact, that nothing partial
-is left anywhere, and that recovery empties tmp/.
+check that every message that got a 250 is queued (in active/, or in deferred/ once delivery has
+tried it), complete and intact, that nothing partial is left anywhere, and that recovery empties
+tmp/.  Outbound mail is held (harness.Holding: a route for every domain to a sink answering 451),
+so delivery moves messages from active/ to deferred/ while the clients send, and never removes one.
 
 Eight client threads each loop sending small messages over one session (reconnecting when it
 breaks); each records the queue id of every 250.  The gateway is killed twice, at two different
@@ -100,18 +102,32 @@ class Round:
                     client.close()
 
 
+SETTLE_TIMEOUT = 30.0
+
+
+def settle(spool, gateway):
+    """
+    Wait until delivery has tried every queued message once: all of them in deferred/ (held: the
+    next attempt is an hour away), so that nothing writes to the spool any more.
+    """
+    h.wait_until(lambda: not h.spool_listing(spool)["active"], SETTLE_TIMEOUT,
+                 lambda: "active/ to drain into deferred/: %s\n%s"
+                 % (h.spool_listing(spool)["active"][:10], gateway.describe()))
+
+
 def check_spool(spool, acked):
-    """What must be true of the spool after a crash and a restart."""
+    """What must be true of the spool after a crash, a restart and settle()."""
     listing = h.spool_listing(spool)
-    assert listing["tmp"] == [], "tmp/ not emptied by recovery: %s" % listing["tmp"][:10]
+    assert listing["tmp"] == [], "tmp/ not empty: %s" % listing["tmp"][:10]
     assert listing["corrupt"] == [], "entries set aside as corrupt: %s" % listing["corrupt"][:10]
-    for state in ("deferred", "hold", "quarantine"):
+    for state in ("hold", "quarantine"):
         assert listing[state] == [], (state, listing[state][:10])
-    active = set(listing["active"])
-    missing = sorted(set(acked) - active)
+    queued = set(listing["active"]) | set(listing["deferred"])
+    assert not set(listing["active"]) & set(listing["deferred"]), "in active/ and deferred/ at once"
+    missing = sorted(set(acked) - queued)
     assert not missing, "%d acknowledged messages lost, e.g. %s" % (len(missing), missing[:5])
     bad = []
-    for name in sorted(active):
+    for name in sorted(queued):
         try:
             entry = h.spool_entry(spool, name)
         except h.BadEntry as e:  # a partial or damaged file: the one thing that must never be
@@ -129,18 +145,25 @@ def check_spool(spool, acked):
         else:
             # Queued but not acknowledged (killed between the rename and the 250): still whole.
             assert message["Subject"].startswith("crash-test "), message["Subject"]
-    assert not bad, "partial or damaged entries in active/:\n" + "\n".join(bad[:10])
-    return active
+    assert not bad, "partial or damaged entries in active/ or deferred/:\n" + "\n".join(bad[:10])
+    return queued
 
 
 @pytest.fixture
-def gateway(tmp_path):
+def holding():
+    holding = h.Holding().start()
+    yield holding
+    holding.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path, holding):
     gw = h.Gateway(str(tmp_path / "gw"))
     yield gw
     gw.cleanup()
 
 
-def test_kill9_while_sending_loses_nothing_acknowledged(gateway):
+def test_kill9_while_sending_loses_nothing_acknowledged(gateway, holding):
     token = secrets.token_hex(4)
     config = {
         "gateway": {"hostname": h.HOSTNAME, "accepted_domains": "example.com", "max_message_size": "1M"},
@@ -148,6 +171,7 @@ def test_kill9_while_sending_loses_nothing_acknowledged(gateway):
         "listener:relay": {"endpoint": "tcp:{port}:interface=127.0.0.1", "role": "relay",
                            "tls": "none", "auth": "none"},
     }
+    config.update(holding.sections())
     spool = gateway.path("spool")
     gateway.start(config)
     all_acked = {}
@@ -174,13 +198,21 @@ def test_kill9_while_sending_loses_nothing_acknowledged(gateway):
         assert not overlap, overlap
         all_acked.update(senders.acked)
 
-        # What the crash left (before recovery): whatever is in active/ must already be whole.
+        # What the crash left (before recovery): whatever is in active/ or deferred/ must already
+        # be whole.
         crashed = h.spool_listing(spool)
-        for name in crashed["active"]:
-            h.spool_entry(spool, name)
+        for state in h.QUEUED_DIRS:
+            for name in crashed[state]:
+                h.spool_entry(spool, name, state)
         leftovers.append(len(crashed["tmp"]))
 
         gateway.start()  # same spool; waits for every listener and "queue ready"
+        # Recovery ran before "queue ready": nothing the crash left in tmp/ is there any more.
+        # (Delivery starts right after recovery and writes state files through tmp/, so tmp/ is
+        # only checked to be empty once it has settled.)
+        survivors = set(crashed["tmp"]) & set(h.spool_listing(spool)["tmp"])
+        assert not survivors, "tmp/ not emptied by recovery: %s" % sorted(survivors)[:10]
+        settle(spool, gateway)
         check_spool(spool, all_acked)
 
     # After both crashes the gateway still works and still has everything.
@@ -191,11 +223,16 @@ def test_kill9_while_sending_loses_nothing_acknowledged(gateway):
     finally:
         h.close(client)
     all_acked[last] = "crash-test %s after" % token
+    settle(spool, gateway)
     gateway.stop()
     assert gateway.stopped_cleanly(), gateway.describe()
-    active = check_spool(spool, all_acked)
+    queued = check_spool(spool, all_acked)
     assert len(all_acked) >= sum(KILL_AFTER) + 1
-    assert len(active) >= len(all_acked)
+    assert len(queued) >= len(all_acked)
+    assert holding.sink.messages == []  # held: nothing was delivered
     assert "Traceback" not in gateway.all_output(), gateway.all_output()[-5000:]
-    print("acknowledged %d, in active/ %d, tmp/ leftovers after the crashes %s, disconnects seen by"
-          " clients %s" % (len(all_acked), len(active), leftovers, [r.disconnects for r in rounds]))
+    listing = h.spool_listing(spool)
+    print("acknowledged %d, queued %d (active/ %d, deferred/ %d), tmp/ leftovers after the crashes"
+          " %s, disconnects seen by clients %s"
+          % (len(all_acked), len(queued), len(listing["active"]), len(listing["deferred"]),
+             leftovers, [r.disconnects for r in rounds]))

@@ -14,19 +14,30 @@ import pytest
 from cryptography import x509
 
 from mailgate.auth import set_user
+from tests.dnsserver import TestDNS
 from tests.e2e import harness as h
 from tests.tlsutil import make_ca
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
+def test_dns():
+    """A loopback DNS server for [dns] nameservers: no gateway here may ask the system resolver."""
+    zone = TestDNS()
+    zone.start_thread()
+    yield zone
+    zone.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory, test_dns):
     root = tmp_path_factory.mktemp("pki")
     ca = make_ca(str(root / "ca"))
     cert, key = h.issue_server_cert(ca, str(root / "tls"))
     _, other_key = h.issue_server_cert(ca, str(root / "tls"), name="other")
     users = str(root / "users")
     set_user(users, "alice@example.com", "secret")
-    return {"ca": ca, "cert": cert, "key": key, "other_key": other_key, "users": users}
+    return {"ca": ca, "cert": cert, "key": key, "other_key": other_key, "users": users,
+            "dns": "%s:%d" % test_dns.address}
 
 
 def good_config(pki, relay_port=None):
@@ -35,6 +46,7 @@ def good_config(pki, relay_port=None):
         "queue": {"path": "spool"},
         "tls": {"certificate": pki["cert"], "private_key": pki["key"]},
         "auth": {"users_file": pki["users"]},
+        "dns": {"nameservers": pki["dns"]},
         "listener:relay": {"endpoint": "tcp:%s:interface=127.0.0.1" % (relay_port or h.free_port()),
                            "role": "relay"},
         "listener:submission": {"endpoint": "tcp:%d:interface=127.0.0.1" % h.free_port(),
@@ -169,32 +181,51 @@ def test_missing_config_file(tmp_path):
 
 
 EXAMPLE_PORTS = (2525, 2587)
+EXAMPLE_SMARTHOST = 2526  # [route:internal] smarthost = 127.0.0.1:2526
+EXAMPLE_NAMESERVERS = "#nameservers = 127.0.0.1, [::1]:5353"
 
 
 @pytest.fixture
-def example_copy(tmp_path):
-    """The repository's etc/ copied so that its ../var/... paths land in tmp_path/var."""
+def example_copy(tmp_path, test_dns):
+    """
+    The repository's etc/ copied so that its ../var/... paths land in tmp_path/var.  One change:
+    the commented-out [dns] nameservers line becomes the loopback test DNS server, so that the
+    gateway never asks the system resolver (its routes would otherwise use /etc/resolv.conf).
+    """
     shutil.copytree(os.path.join(h.REPO, "etc"), str(tmp_path / "etc"))
+    path = tmp_path / "etc" / "mailgate.ini"
+    text = path.read_text()
+    assert text.count(EXAMPLE_NAMESERVERS) == 1, "etc/mailgate.ini changed: update this test"
+    path.write_text(text.replace(EXAMPLE_NAMESERVERS, "nameservers = %s:%d" % test_dns.address))
     return tmp_path
 
 
 def test_example_config(example_copy):
-    busy = [port for port in EXAMPLE_PORTS if not h.port_is_free(port)]
+    busy = [port for port in EXAMPLE_PORTS + (EXAMPLE_SMARTHOST,) if not h.port_is_free(port)]
     if busy:
-        pytest.skip("etc/mailgate.ini listens on fixed ports %s, busy on this machine: %s"
-                    % (EXAMPLE_PORTS, busy))
+        pytest.skip("etc/mailgate.ini uses fixed ports %s, busy on this machine: %s"
+                    % (EXAMPLE_PORTS + (EXAMPLE_SMARTHOST,), busy))
     root = example_copy
     config_path = str(root / "etc" / "mailgate.ini")
     var = root / "var"
     assert not var.exists()
+    # The example's smarthost for example.com: a sink holding the mail (451), so that it stays queued.
+    smarthost = h.PortSink(h.LOOPBACK, EXAMPLE_SMARTHOST, rcpt_default=h.HOLD_REPLY)
+    smarthost.start()
+    try:
+        _run_example(root, config_path, var, smarthost)
+    finally:
+        smarthost.stop()
 
+
+def _run_example(root, config_path, var, smarthost):
     checked = h.run_cli("check-config", config_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "Traceback" not in checked.stdout + checked.stderr
 
     gw = h.Gateway(str(root / "etc"))
     try:
-        gw.start()  # the file as shipped
+        gw.start()  # the file as shipped (but for [dns] nameservers)
         assert gw.ports == {"relay": 2525, "submission": 2587}, gw.ports
         assert gw.roles == {"relay": "relay", "submission": "submission"}
 
@@ -215,7 +246,7 @@ def test_example_config(example_copy):
             queue_id = h.transaction(client, "someone@elsewhere.test", ["postmaster@example.com"], message)
         finally:
             h.close(client)
-        entry = h.spool_entry(str(var / "spool"), queue_id)
+        entry = h.spool_entry(str(var / "spool"), queue_id)  # in active/ or deferred/
         assert entry.envelope["listener"] == "relay"
         assert entry.envelope["recipients"] == ["postmaster@example.com"]
         assert entry.body.endswith(message)
@@ -236,10 +267,15 @@ def test_example_config(example_copy):
         gw.stop()
         assert gw.stopped_cleanly(), gw.describe()
 
+        # The shipped route for example.com took it to its smarthost, which held it (451).
+        h.wait_until(lambda: b"RCPT TO:<postmaster@example.com>" in smarthost.commands_of(0), 10,
+                     lambda: "the smarthost to see the RCPT: %r" % (smarthost.commands,))
+        assert smarthost.messages == []
+
         # Started again: the certificate it generated is kept, and the message is still queued.
         gw.start()
         assert x509.load_pem_x509_certificate(cert_path.read_bytes()) == cert
-        assert h.spool_listing(str(var / "spool"))["active"] == [queue_id]
+        assert h.queued_ids(str(var / "spool")) == {queue_id}
         gw.stop()
         assert gw.stopped_cleanly(), gw.describe()
         assert "Traceback" not in gw.all_output(), gw.describe()

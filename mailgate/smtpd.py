@@ -263,6 +263,7 @@ class SMTPServer(smtp.ESMTP):
         if counts:
             self.errors += 1
             if self.errors >= self.limits.max_errors:
+                self._stage = None  # the closing 421 is not a second rejection of this command
                 self._close(R(421, "4.7.0", "%s Error: too many errors" % (self.hostname,)))
 
     def _answer(self, reply):

@@ -778,6 +778,15 @@ class EventTests(unittest.TestCase):
         stages = [(f["stage"], f["reply"][:3]) for f in self.of("tracking", event="REJECT")]
         self.assertEqual(stages, [("RCPT", "554"), ("DATA", "550")])
 
+    def test_closing_421_after_too_many_errors_is_not_another_reject(self):
+        s = Session(listener(limits=Limits(max_errors=2)), events=self.s.factory.events)
+        s.read()
+        s.cmd("EHLO c.example")
+        s.cmd("MAIL FROM:<a@remote.example>")
+        s.cmd("RCPT TO:<v@elsewhere.example>")
+        self.assertIn("421 4.7.0", s.cmd("RCPT TO:<w@elsewhere.example>"))
+        self.assertEqual(len(self.of("tracking", event="REJECT")), 2)
+
 
 class SlowHooks:
     """MAIL and RCPT checks that answer only when the test says so."""

@@ -252,10 +252,13 @@ class SMTPServer(smtp.ESMTP):
         if self.factory.events is not None:
             self._protocol_event("reply", b"\n".join(lines).decode("utf-8", "replace"))
         if self._stage is not None and reply.code >= 400:
-            # Every refused MAIL, RCPT or message is a step in message tracking.
-            self._track("REJECT", stage=self._stage, reply=str(reply),
-                        sender=str(self.sender) if self.sender is not None else None,
-                        recipients=[str(r) for r in self.recipients])
+            # Every refused MAIL, RCPT or message is a step in message tracking, naming the
+            # address that was refused (the sender at MAIL, the recipient at RCPT).
+            sender = str(self.sender) if self.sender is not None else self._attempt
+            recipients = [self._attempt] if self._stage == "RCPT" and self._attempt else \
+                [str(r) for r in self.recipients]
+            self._track("REJECT", stage=self._stage, reply=str(reply), sender=sender,
+                        recipients=recipients)
 
     def _error(self, reply, counts=True):
         """Answer with a failure reply; too many of them end the session."""
@@ -282,10 +285,12 @@ class SMTPServer(smtp.ESMTP):
     # -- commands ----------------------------------------------------------------------------
 
     _stage = None  # "MAIL", "RCPT" or "DATA" while such a command is being answered
+    _attempt = None  # the address given to that MAIL or RCPT, once parsed
     _tls_reported = False
 
     def _line(self, line):
         self._stage = None
+        self._attempt = None
         if self.factory.events is not None:
             self._report_command(line)
         limit = MAX_AUTH_LINE if self._sasl is not None or line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
@@ -499,6 +504,7 @@ class SMTPServer(smtp.ESMTP):
         if self.listener.auth == "required" and self.user is None:
             return self._error(AUTH_FIRST)
         sender, params = address.parse_mail(arg)
+        self._attempt = str(sender)
         if params.get("SIZE", 0) > self.listener.max_message_size:
             return self._error(TOO_BIG)
         refused = policy.sender_reply(self.user, sender)
@@ -518,6 +524,7 @@ class SMTPServer(smtp.ESMTP):
         if self.sender is None:
             return self._error(NEED_MAIL)
         recipient, _params = address.parse_rcpt(arg)
+        self._attempt = str(recipient)
         if len(self.recipients) >= self.listener.max_recipients:
             return self._answer(TOO_MANY_RCPTS)
         refused = policy.recipient_reply(self.listener, self.factory.gateway, self.client_ip,

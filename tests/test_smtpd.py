@@ -754,6 +754,7 @@ class EventTests(unittest.TestCase):
         self.assertEqual(fail["user_attempted"], "alice@example.com")
         [reject] = self.of("tracking", event="REJECT")
         self.assertEqual(reject["stage"], "MAIL")
+        self.assertEqual(reject["sender"], "bob@example.com")
         self.assertTrue(reject["reply"].startswith("553 5.7.1 Sender address rejected"))
         [receive] = self.of("tracking", event="RECEIVE")
         self.assertEqual(receive["queue_id"], "Q0001")
@@ -775,8 +776,10 @@ class EventTests(unittest.TestCase):
         s.cmd("RCPT TO:<v@elsewhere.example>")
         s.cmd("DATA")
         s.send(b"bad\nline\r\n.\r\n")
-        stages = [(f["stage"], f["reply"][:3]) for f in self.of("tracking", event="REJECT")]
-        self.assertEqual(stages, [("RCPT", "554"), ("DATA", "550")])
+        stages = [(f["stage"], f["reply"][:3], f["recipients"])
+                  for f in self.of("tracking", event="REJECT")]
+        self.assertEqual(stages, [("RCPT", "554", ["v@elsewhere.example"]),
+                                  ("DATA", "550", ["u@example.com"])])
 
     def test_closing_421_after_too_many_errors_is_not_another_reject(self):
         s = Session(listener(limits=Limits(max_errors=2)), events=self.s.factory.events)

@@ -572,8 +572,9 @@ class SMTPServer(smtp.ESMTP):
             reply = LONG_LINE
         if reply is not None:
             log.info("rejected message from {client}: {reply}", client=self.client_ip, reply=str(reply))
+            self._error(reply)  # reported while the transaction still names its recipients
             self._reset_transaction()
-            return self._error(reply)
+            return None
         envelope = self._envelope(scanner.size)
         message = scanner.message()
         d = self._hook("on_data", envelope, message)

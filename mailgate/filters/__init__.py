@@ -43,13 +43,16 @@ class FilterContext:
     reactor: for callLater/seconds (the chain's timeouts) and callFromThread; resolver: the
     gateway's twisted.names IResolver (cached, honours [dns]); run_in_thread: f, *args -> a
     Deferred firing with f(*args) run in the gateway's thread pool (for CPU-heavy or blocking
-    work such as parsing a large message).
+    work such as parsing a large message); events: the gateway's mailgate.events.EventBus, or None.
+    When events is set, the chain emits one "verdict" event per verdict (see
+    mailgate.filters.chain), which mailgate.metrics counts.
     """
 
     config = attr.ib()
     reactor = attr.ib()
     resolver = attr.ib(default=None)
     run_in_thread = attr.ib(default=None)
+    events = attr.ib(default=None)
 
 
 def section_options(sections):

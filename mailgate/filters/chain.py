@@ -22,6 +22,11 @@ Authentication-Results field (from the AuthResult values filters append to
 session.transaction["auth_results"]) and the verdicts' headers are put on top of the message,
 after every Authentication-Results field claiming our hostname has been removed.  Every verdict is
 logged and recorded as a (filter, action) pair in DataResult.verdicts.
+
+When context.events (a mailgate.events.EventBus) is set, every verdict is also emitted as a
+"verdict" event with the fields filter (its name), action (the verdict's), stage ("connect",
+"helo", "mail", "rcpt", "data"), session (the session id) and queue_id (at data; None before).  A
+hook that fails or times out (the 451 above) is emitted with action "error".
 """
 
 import email
@@ -190,8 +195,10 @@ class FilterChain:
                 verdict = yield self._call(f, hook, session, args)
             except Exception:
                 self._failed(Failure(), f, stage, session, queue_id)
+                self._emit(f, "error", stage, session, queue_id)
                 return TEMP_FAIL
             self._log(f, stage, verdict, session, queue_id)
+            self._emit(f, verdict.action, stage, session, queue_id)
             record.verdicts.append((f.name, verdict.action))
             if verdict.ends_chain:
                 return verdict.reply
@@ -246,6 +253,12 @@ class FilterChain:
              session=session.id, queue_id=queue_id,
              why=" (%s)" % (verdict.reason,) if verdict.reason else "",
              queue=" queue_id=%s" % (queue_id,) if queue_id else "")
+
+    def _emit(self, f, action, stage, session, queue_id):
+        events = getattr(self.context, "events", None)
+        if events is not None:
+            events.emit("verdict", filter=f.name, action=action, stage=stage, session=session.id,
+                        queue_id=queue_id)
 
     def _run_in_thread(self, f, *args):
         run = self.context.run_in_thread

@@ -1,5 +1,6 @@
 """
-The ``mailgate`` command: check a configuration file, manage the users file, make DKIM keys.
+The ``mailgate`` command: check a configuration file, manage the users file, make DKIM keys,
+and diagnose: check-tls (one SMTP server's TLS) and diagnose (a domain's whole mail set-up).
 
 Every failure is one line on stderr and exit status 1, never a traceback: the people running it
 are fixing a config file, not debugging Python.
@@ -7,6 +8,7 @@ are fixing a config file, not debugging Python.
 
 import argparse
 import getpass
+import ipaddress
 import os
 import re
 import sys
@@ -80,7 +82,102 @@ def _parser():
         help="where to write SELECTOR.DOMAIN.key (default: the current directory)",
     )
     keygen.set_defaults(run=_dkim_keygen)
+
+    queue = commands.add_parser(
+        "queue", help="list and manage the running gateway's queue (through its admin socket)"
+    )
+    actions = queue.add_subparsers(title="actions", metavar="ACTION", dest="action", required=True)
+    for name, text in (
+        ("list", "list queued mail, like postqueue -p"),
+        ("show", "a message's envelope, recipients and their status, and headers"),
+        ("flush", "retry deferred mail now (one message, or all)"),
+        ("hold", "put a message on hold: not delivered until released"),
+        ("release", "release a held or quarantined message: delivered now"),
+        ("delete", "delete a message without telling anyone"),
+        ("bounce", "give up on a message: bounce its pending recipients to the sender now"),
+    ):
+        action = actions.add_parser(name, help=text)
+        if name == "list":
+            action.add_argument("--state", choices=("active", "deferred", "held", "quarantine"))
+        if name == "flush":
+            action.add_argument("id", metavar="ID", nargs="?", help="a queue id (default: all)")
+        elif name != "list":
+            action.add_argument("id", metavar="ID", help="a queue id")
+        if name in ("list", "show"):
+            action.add_argument("--json", action="store_true", help="print JSON")
+        _config_option(action)
+        action.set_defaults(run=_queue)
+
+    reload_ = commands.add_parser(
+        "reload", help="make the running gateway re-read its configuration and users file"
+    )
+    _config_option(reload_)
+    reload_.set_defaults(run=_reload)
+
+    trace = commands.add_parser(
+        "trace",
+        help="show the life of a message from the protocol and tracking logs ([logging] dir)",
+    )
+    trace.add_argument(
+        "query", metavar="QUEUEID|MESSAGE-ID|ADDRESS",
+        help="a queue id, a Message-ID, or an address (every message from or to it)",
+    )
+    trace.add_argument("--since", metavar="T", help="ISO date or time (UTC unless given)")
+    trace.add_argument("--until", metavar="T", help="ISO date (the whole day) or time")
+    trace.add_argument("--json", action="store_true", help="print JSON Lines")
+    trace.add_argument(
+        "--config", metavar="FILE",
+        help="the ini file (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.ini)",
+    )
+    trace.set_defaults(run=_trace)
+
+    check_tls = commands.add_parser(
+        "check-tls",
+        help="connect to an SMTP server, STARTTLS, and check its TLS set-up and certificate",
+    )
+    check_tls.add_argument(
+        "target", metavar="HOST[:PORT]",
+        help="the server, e.g. mx1.example.com or 192.0.2.25:587 (port 25 by default; on port"
+             " 465, TLS starts at once instead of with STARTTLS)",
+    )
+    _trust_options(check_tls, "[dns] nameservers (to find HOST)")
+    check_tls.add_argument(
+        "--servername", metavar="NAME",
+        help="the name the certificate must cover, also sent as SNI (default: HOST)",
+    )
+    check_tls.add_argument(
+        "--implicit", action="store_true", help=argparse.SUPPRESS,  # TLS at once on any port
+    )
+    check_tls.set_defaults(run=_check_tls_command)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="check a domain's mail set-up: MX, each MX's TLS, SPF, DKIM, DMARC, MTA-STS",
+    )
+    diagnose.add_argument("domain", metavar="DOMAIN", help="the mail domain, e.g. example.com")
+    diagnose.add_argument(
+        "--selector", metavar="S", help="also check the DKIM key at S._domainkey.DOMAIN"
+    )
+    _trust_options(diagnose, "[dns] nameservers and timeout, [delivery] mx_port")
+    diagnose.set_defaults(run=_diagnose_command)
     return parser
+
+
+def _trust_options(command, uses):
+    command.add_argument(
+        "--ca-file", metavar="F",
+        help="trust the CAs in this PEM file (default: [tls] ca_file of --config, else the"
+             " system's trust store)",
+    )
+    command.add_argument(
+        "--config", metavar="FILE",
+        help="use this configuration's %s, [tls] ca_file and [gateway] hostname (for EHLO)"
+             % (uses,),
+    )
+    command.add_argument(
+        "--timeout", metavar="SECONDS", type=_seconds, default=None,
+        help="give up on each network step after this long (default: 10)",
+    )
 
 
 def _check_config(args):
@@ -105,6 +202,103 @@ def _check_tls(config):
             raise  # mailgate.tls is there but broken: that is a bug to see, not to hide
         return []
     return check_tls_config(config) or []
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("expected seconds, e.g. 10, got %r" % (text,))
+    return value
+
+
+def _diagnostic_setup(args):
+    """
+    (config or None, CA file or None, timeout, EHLO name) for check-tls and diagnose; raises
+    ConfigError or ValueError (one line for _fail).
+    """
+    from mailgate import checktls  # only the diagnostic commands need it
+
+    config = load_config(args.config) if args.config else None
+    cafile = args.ca_file or (config.tls.ca_file if config is not None else None)
+    try:
+        checktls.check_trust_store(cafile)
+    except checktls.TrustStoreError as e:
+        option = "--ca-file" if args.ca_file else "[tls] ca_file"
+        raise ValueError("%s: %s" % (option, e)) from None
+    timeout = args.timeout or checktls.DEFAULT_TIMEOUT
+    ehlo = config.gateway.hostname if config is not None else checktls.default_ehlo_name()
+    return config, cafile, timeout, ehlo
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _lookups(config):
+    """Blocking DNS for the diagnostic commands: [dns] nameservers only, when configured."""
+    from mailgate.diagnose import Lookups
+
+    return Lookups.from_config(config.dns if config is not None else None)
+
+
+def _print_findings(findings):
+    from mailgate.checktls import exit_status
+
+    for finding in findings:
+        _print(finding.line())
+    return exit_status(findings)
+
+
+def _check_tls_command(args):
+    from mailgate import checktls
+
+    try:
+        host, port = checktls.parse_target(args.target)
+        if args.servername is not None and not _is_ip(args.servername):
+            _dns_name("a host name like mx.example.com", args.servername, False)
+        config, cafile, timeout, ehlo = _diagnostic_setup(args)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e))
+    # The system's resolver (getaddrinfo: /etc/hosts too) unless the config names nameservers.
+    lookups = _lookups(config) if config is not None and config.dns.nameservers else None
+    findings = checktls.check_host(
+        host, port, servername=args.servername or host, cafile=cafile,
+        implicit=True if args.implicit else None, timeout=timeout, ehlo_name=ehlo,
+        lookups=lookups,
+    )
+    return _print_findings(findings)
+
+
+def _diagnose_command(args):
+    from mailgate import diagnose
+
+    try:
+        domain = args.domain
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError("expected a domain like example.com, got %r" % (args.domain,))
+        domain = _dns_name("a domain like example.com", domain, False).lower()
+        selector = None
+        if args.selector is not None:
+            selector = _dns_name("a selector like mail2024", args.selector, True)
+        config, cafile, timeout, ehlo = _diagnostic_setup(args)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e))
+    findings = diagnose.diagnose(
+        domain, _lookups(config),
+        mx_port=config.delivery.mx_port if config is not None else 25,
+        selector=selector, cafile=cafile, timeout=timeout, ehlo_name=ehlo,
+    )
+    return _print_findings(findings)
 
 
 def _passwd(args):
@@ -160,6 +354,41 @@ def _dkim_keygen(args):
     _print(comment % (args.key_type, path))
     _print(dkimsign.dns_record(selector, domain, txt))
     return 0
+
+
+def _trace(args):
+    from mailgate import trace  # only this subcommand needs it
+
+    try:
+        return trace.run(args, _print)
+    except (ConfigError, trace.TraceError) as e:
+        return _fail(str(e))
+    except BrokenPipeError:  # e.g. | head: the reader has seen enough
+        try:  # and no second complaint when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
+
+
+def _config_option(command):
+    command.add_argument(
+        "--config", metavar="FILE",
+        help="the gateway's ini file, for its admin socket"
+             " (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.ini)",
+    )
+
+
+def _queue(args):
+    from mailgate import admin  # only the queue and reload commands need it
+
+    return admin.cli_queue(args, _print, _fail)
+
+
+def _reload(args):
+    from mailgate import admin
+
+    return admin.cli_reload(args, _print, _fail)
 
 
 def _read_password(user, from_stdin):

@@ -59,11 +59,22 @@ treat as temporary) at greeting, EHLO, STARTTLS, AUTH, MAIL, DATA or after the f
 no recipient was accepted and some got a 4xx (those fail over; the 5xx ones bounce).  A 4xx RCPT
 reply while others were accepted defers that recipient for this attempt (no failover).  5xx at
 MAIL or after the final dot bounces every open recipient.
+
+Protocol events (events, a mailgate.events.EventBus, given to Deliverer): every connection is a
+session (a fresh id) emitting "protocol" events with session, route, direction "out", local,
+remote (ip:port), event and data: "connect" (data: the hop and the TLS policy; message_id: the
+Message-ID of the message being delivered, when it has one, so mailgate.trace can tell which
+message a session was for even when it failed before MAIL), "command" (each line we send),
+"reply" (each complete reply, its lines joined by "\n"), "tls" (version and cipher, once the
+handshake is done) and "disconnect" (data: why, when not a clean close).  Credentials never
+appear: AUTH's initial response and every SASL response are "****".  The message itself is never
+an event (DATA goes through the transport, not sendLine): only the DATA command and the replies.
 """
 
 import io
 import ipaddress
 import re
+import secrets
 
 import attr
 from twisted.internet import defer, error
@@ -83,6 +94,7 @@ from twisted.python import failure
 from zope.interface import implementer
 
 from mailgate.envelope import RecipientResult
+from mailgate.events import message_id
 
 log = Logger(namespace="mailgate.delivery")
 
@@ -93,6 +105,8 @@ _PLAINTEXT = "plaintext"
 _STATUS = re.compile(rb"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+|$)")
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REPLY_LINES = 100  # a longer reply is reported in several "reply" events
+_EVENT_LINE = 1000  # characters of one reply line kept in an event
 
 
 # --- replies -----------------------------------------------------------------------------------
@@ -274,6 +288,16 @@ class DeliverySender(smtp.ESMTPSender):
     # -- set-up and bookkeeping
 
     def connectionMade(self):
+        self._session = secrets.token_hex(6)
+        self._replyLines = []
+        self._sasl = False  # an AUTH exchange is in progress: what we send are credentials
+        self._quitState = None  # "sent", then "answered": the close that follows is the normal end
+        if self.factory.events is not None:
+            local, peer = self.transport.getHost(), self.transport.getPeer()
+            self._local = "%s:%s" % (getattr(local, "host", ""), getattr(local, "port", ""))
+            self._remote = "%s:%s" % (getattr(peer, "host", ""), getattr(peer, "port", ""))
+            self._event("connect", "%s tls=%s" % (_label(self.hop), self.factory.policy),
+                        message_id=self.factory.message_id)
         self.phase = "the greeting"
         self.decided = False
         self.tls_version = None
@@ -329,7 +353,54 @@ class DeliverySender(smtp.ESMTPSender):
         self.phase = "QUIT"
         self._disconnectFromServer()
 
+    # -- protocol events (nothing here changes what is sent or how replies are handled)
+
+    def _event(self, event, data="", **extra):
+        self.factory.events.emit(
+            "protocol", session=self._session, route=self.factory.route.name, direction="out",
+            local=self._local, remote=self._remote, event=event, data=data, **extra)
+
+    def sendLine(self, line):
+        if self.factory.events is not None:
+            self._event("command", self._masked(line))
+            if line == b"QUIT":
+                self._quitState = "sent"
+        smtp.ESMTPSender.sendLine(self, line)
+
+    def _masked(self, line):
+        if self._sasl:
+            return "****"  # a SASL response (or "*"): credentials
+        text = line.decode("utf-8", "replace")
+        if text[:5].upper() == "AUTH ":
+            self._sasl = True
+            words = text.split(" ")
+            return " ".join(words[:2] + ["****"] * (len(words) > 2))
+        return text
+
+    def lineReceived(self, line):
+        if self.factory.events is not None:
+            self._replyLines.append(line[:_EVENT_LINE].decode("utf-8", "replace"))
+            if line[3:4] != b"-" or len(self._replyLines) >= _REPLY_LINES:
+                self._reportReply()
+        return smtp.ESMTPSender.lineReceived(self, line)
+
+    def _reportReply(self):
+        lines, self._replyLines = self._replyLines, []
+        if lines:
+            if self._sasl and not lines[-1].startswith("334"):
+                self._sasl = False
+            if self._quitState == "sent":
+                self._quitState = "answered"
+            self._event("reply", "\n".join(lines))
+
     def connectionLost(self, reason=connectionDone):
+        if self.factory.events is not None:
+            self._reportReply()  # a reply cut short
+            # After our QUIT was answered, any close is the normal end (many servers close TLS
+            # without close_notify); before it, say why the connection went.
+            clean = (reason is None or reason.check(error.ConnectionDone)
+                     or self._quitState == "answered")
+            self._event("disconnect", "" if clean else _describe(reason))
         smtp.ESMTPSender.connectionLost(self, reason)
         self._cancelDataTimer()
         if self.decided:
@@ -490,11 +561,15 @@ class DeliverySender(smtp.ESMTPSender):
 
     def handshakeCompleted(self):
         self._handshakeDone = True
+        cipher = None
         try:
             self.tls_version = self.transport.getHandle().get_protocol_version_name()
+            cipher = self.transport.getHandle().get_cipher_name()
         except Exception:
             self.tls_version = "TLS"
         self.phase = "EHLO after STARTTLS"
+        if self.factory.events is not None:
+            self._event("tls", "%s %s" % (self.tls_version, cipher))
 
     # -- AUTH
 
@@ -670,6 +745,8 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
 
     protocol = DeliverySender
     noisy = False
+    events = None  # the Deliverer's EventBus, or None: no protocol events
+    message_id = None  # of the message being delivered (for the "connect" event)
 
     def __init__(self, reactor, hostname, hop, policy, route, sender, recipients, data,
                  context, delivery_config):
@@ -742,11 +819,13 @@ class Deliverer:
     """
     One delivery attempt at a time per call, on the given reactor (connectTCP, callLater).
     hostname is what we say in EHLO; delivery_config gives the timeouts, tls_config our
-    certificate (offered when asked) and the trust store for tls = verify.
+    certificate (offered when asked) and the trust store for tls = verify; every SMTP session
+    emits protocol events on events (see the module docstring) when it is given.
     """
 
-    def __init__(self, reactor, hostname, delivery_config, tls_config):
+    def __init__(self, reactor, hostname, delivery_config, tls_config, events=None):
         self.reactor = reactor
+        self.events = events  # a mailgate.events.EventBus for protocol events, or None
         self.hostname = hostname
         self.config = delivery_config
         self.tls_config = tls_config
@@ -834,6 +913,9 @@ class Deliverer:
             self.reactor, self.hostname, hop, policy, route, sender, recipients, data, context,
             self.config,
         )
+        if self.events is not None:
+            factory.events = self.events
+            factory.message_id = message_id(data)
         d = factory.result
         self.reactor.connectTCP(hop.address, hop.port, factory,
                                 timeout=self.config.connect_timeout)

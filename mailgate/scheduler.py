@@ -7,6 +7,12 @@ sweep that is only a backstop.  Each recipient's outcome is saved in the queue's
 message before anything acts on it, so after a crash only recipients that were in flight may be
 sent again, and a delivered recipient never is.  Bounces (RFC 3464 DSNs) go back through the same
 queue with the null sender.
+
+The administrator's queue operations (flush, hold, release, delete, bounce) are methods here, so
+that they agree with the rounds and timers: an operation on a message withdraws it first (its
+timer is cancelled and a round in progress for it will neither move it back to deferred/ nor
+schedule it again), then acts on the queue.  reconfigure() swaps in new routes and settings on a
+reload; rounds in progress finish with what they started with.
 """
 
 import json
@@ -25,6 +31,42 @@ log = Logger()
 
 SWEEP_INTERVAL = 300.0  # seconds between backstop scans of the queue
 DELIVERABLE = ("active", "deferred")
+ADMIN_BOUNCE = (550, "5.0.0", "Delivery cancelled by the administrator")
+
+
+class QueueCommandError(Exception):
+    """An operation the queue cannot do as asked (str: one line for the administrator)."""
+
+
+class _Slots:
+    """A semaphore whose limit can change while it is in use (a reload changes concurrency)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.waiting = []
+
+    def acquire(self):
+        d = defer.Deferred()
+        if self.used < self.limit and not self.waiting:
+            self.used += 1
+            d.callback(self)
+        else:
+            self.waiting.append(d)
+        return d
+
+    def release(self):
+        self.used -= 1
+        self._drain()
+
+    def resize(self, limit):
+        self.limit = limit  # lower than used: the extra holders finish, nobody new starts
+        self._drain()
+
+    def _drain(self):
+        while self.waiting and self.used < self.limit:
+            self.used += 1
+            self.waiting.pop(0).callback(self)
 
 
 def retry_delay(schedule, attempts):
@@ -106,18 +148,37 @@ class DeliveryService(service.Service):
         self.new_queue_id = new_queue_id
         self.signer = signer
         self.events = events  # a mailgate.events.EventBus, or None
-        self._slots = defer.DeferredSemaphore(self.delivery.concurrency)
+        self._slots = _Slots(self.delivery.concurrency)
         self._destinations = {}
         self._timers = {}
         self._running = {}  # queue_id -> Deferred of the round in progress
         self._again = set()  # woken while a round was in progress: run once more after it
+        self._forced = set()  # flushed: the next round runs even before its retry time
+        self._withdrawn = {}  # queue_id -> token of the admin operation that owns it now
         self._sweeper = None
+        self._unsubscribe = None
+
+    def reconfigure(self, config, router, deliverer=None, signer=None):
+        """
+        A reload: new routes (router), [delivery] settings, hostname, DKIM signer and, when given,
+        SMTP client.  Rounds in progress finish with what they started with; retry times already
+        set stay as they are (the new schedule applies from the next failure on).
+        """
+        self.router = router
+        if deliverer is not None:
+            self.deliverer = deliverer
+        self.signer = signer
+        self.delivery = config.delivery
+        self.hostname = config.gateway.hostname
+        self._slots.resize(self.delivery.concurrency)
+        for limit in self._destinations.values():
+            limit.resize(self.delivery.per_destination_concurrency)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def startService(self):
         service.Service.startService(self)
-        self.queue.subscribe(self._committed)
+        self._unsubscribe = self.queue.subscribe(self._committed)
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
@@ -125,6 +186,9 @@ class DeliveryService(service.Service):
 
     def stopService(self):
         service.Service.stopService(self)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         for call in self._timers.values():
@@ -172,19 +236,23 @@ class DeliveryService(service.Service):
         return result
 
     def _round_failed(self, failure, queue_id):
-        if failure.check(KeyError):
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure  # from one of the round's destination groups
+        if failure.check(KeyError) or queue_id in self._withdrawn:
             return None  # removed (delivered, deleted) or set aside as corrupt meanwhile
         log.failure("delivery round for {queue_id} failed; retrying later", failure, queue_id=queue_id)
         self._schedule(queue_id, self.clock.seconds() + retry_delay(self.delivery.retry, 1))
 
     @defer.inlineCallbacks
     def _round(self, queue_id):
+        forced = queue_id in self._forced
+        self._forced.discard(queue_id)
         state, envelope, data = yield self.queue.load(queue_id)
-        if state not in DELIVERABLE:
+        if state not in DELIVERABLE or queue_id in self._withdrawn:
             return
         msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
         now = self.clock.seconds()
-        if msg.next_attempt > now and state == "deferred":
+        if msg.next_attempt > now and state == "deferred" and not forced:
             self._schedule(queue_id, msg.next_attempt)
             return
         if now - envelope.received_at >= self.delivery.max_lifetime:
@@ -236,12 +304,15 @@ class DeliveryService(service.Service):
 
     @defer.inlineCallbacks
     def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts):
-        limit = self._destinations.setdefault(
-            key, defer.DeferredSemaphore(self.delivery.per_destination_concurrency))
+        limit = self._destinations.get(key)
+        if limit is None:
+            limit = self._destinations[key] = _Slots(self.delivery.per_destination_concurrency)
         yield limit.acquire()
         try:
             yield self._slots.acquire()
             try:
+                if queue_id in self._withdrawn:
+                    return  # held, deleted or bounced while it waited for a slot: no attempt
                 results = yield self._attempt(queue_id, envelope, data, msg, route, rcpts)
             finally:
                 self._slots.release()
@@ -283,6 +354,8 @@ class DeliveryService(service.Service):
 
     @defer.inlineCallbacks
     def _finish_round(self, queue_id, state, envelope, data, msg):
+        if self._withdrawn_for(queue_id) in ("delete", "bounce"):
+            return  # the operation owns the message now (a bounce reports what this round found)
         now = self.clock.seconds()
         bounced = msg.unreported("bounced")
         if bounced:
@@ -301,13 +374,21 @@ class DeliveryService(service.Service):
         expires = envelope.received_at + self.delivery.max_lifetime
         msg.next_attempt = min(now + retry_delay(self.delivery.retry, msg.attempts), expires)
         yield self.queue.save_state(queue_id, msg.to_bytes())
+        # Checked right before each step: a hold made during this round must not be undone.
+        if self._withdrawn_for(queue_id) is not None:
+            return
         if state != "deferred":
             yield self.queue.move(queue_id, "deferred")
-        self._schedule(queue_id, msg.next_attempt)
+        if self._withdrawn_for(queue_id) is None:
+            self._schedule(queue_id, msg.next_attempt)
 
     @defer.inlineCallbacks
     def _notify(self, envelope, data, msg, recipients, now, action):
-        """Queue one DSN for recipients (never for a message from <>), then mark them reported."""
+        """
+        Queue one DSN for recipients (never for a message from <>), then mark them reported.
+        Fires with the DSN's queue id, or None when none was made.
+        """
+        dsn_id = None
         if bounce.should_bounce(envelope):
             failures = [msg.as_result(r) for r in recipients]
             dsn = bounce.make_dsn(self.hostname, envelope, data, failures, now, action=action)
@@ -316,6 +397,7 @@ class DeliveryService(service.Service):
                 client_ip="", helo=self.hostname, listener="", protocol="local",
                 received_at=now, size=len(dsn))
             yield self.queue.enqueue(dsn_envelope, dsn)
+            dsn_id = dsn_envelope.queue_id
             self._track("DSN", envelope, data, recipients=list(recipients), action=action,
                         dsn_queue_id=dsn_envelope.queue_id)
             log.info("{queue_id} {action} notice queued as {dsn_id} for <{sender}>",
@@ -324,6 +406,7 @@ class DeliveryService(service.Service):
         if action == "failed":
             for r in recipients:
                 msg.recipients[r]["reported"] = True
+        return dsn_id
 
     def _schedule(self, queue_id, when):
         if not self.running:
@@ -337,6 +420,168 @@ class DeliveryService(service.Service):
     def _due(self, queue_id):
         self._timers.pop(queue_id, None)
         self.wake(queue_id)
+
+    # -- the administrator's queue operations --------------------------------------------------
+    #
+    # Each fires with a dict describing what was done, or fails with QueueCommandError (a request
+    # that makes no sense for the message's state), KeyError (no such message) or ValueError (not
+    # a queue id).
+
+    def _withdrawn_for(self, queue_id):
+        """The operation ("hold", "delete", "bounce") that owns queue_id now, or None."""
+        mark = self._withdrawn.get(queue_id)
+        return mark[0] if mark is not None else None
+
+    def _cancel_timer(self, queue_id):
+        call = self._timers.pop(queue_id, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _withdraw(self, queue_id, operation):
+        """
+        Take queue_id away from delivery for operation: no timer, no further round, and a round
+        in progress will not move it back or schedule it.  Returns the mark for _settle.
+        """
+        mark = (operation, object())
+        self._withdrawn[queue_id] = mark
+        self._cancel_timer(queue_id)
+        self._again.discard(queue_id)
+        self._forced.discard(queue_id)
+        return mark
+
+    def _settle(self, queue_id, mark):
+        """The operation is done: forget its mark, once no round that may have missed it runs."""
+        running = self._running.get(queue_id)
+        if running is None:
+            if self._withdrawn.get(queue_id) is mark:
+                del self._withdrawn[queue_id]
+            return
+        running.addBoth(self._settled, queue_id, mark)
+
+    def _settled(self, result, queue_id, mark):
+        self._settle(queue_id, mark)
+        return result
+
+    def _round_over(self, queue_id):
+        """Fires (with None) once no delivery round for queue_id is in progress."""
+        running = self._running.get(queue_id)
+        if running is None:
+            return defer.succeed(None)
+        done = defer.Deferred()
+
+        def over(result):
+            self._round_over(queue_id).chainDeferred(done)
+            return result
+
+        running.addBoth(over)
+        return done
+
+    @defer.inlineCallbacks
+    def flush(self, queue_id=None):
+        """
+        Retry now: one message (active or deferred), or every one of them.  Fires once the rounds
+        are started, not finished: {"flushed": [queue ids]}.
+        """
+        if queue_id is not None:
+            state, _, _ = yield self.queue.load(queue_id)
+            if state not in DELIVERABLE:
+                raise QueueCommandError("%s is in %s: release it first" % (queue_id, state))
+            ids = [queue_id]
+        else:
+            ids = [e.queue_id for state, e in (yield self.queue.list()) if state in DELIVERABLE]
+        woken = [qid for qid in ids if qid not in self._withdrawn]  # not those an operation owns
+        for qid in woken:
+            self._forced.add(qid)
+            self.wake(qid)
+        log.info("flush: retrying {count} message(s) now", count=len(woken))
+        return {"flushed": woken}
+
+    @defer.inlineCallbacks
+    def hold(self, queue_id):
+        """Move a message to hold (any state but quarantine): it is not delivered until released."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        if state == "hold":
+            return {"queue_id": queue_id, "state": "hold", "from": "hold"}
+        if state == "quarantine":
+            raise QueueCommandError("%s is in quarantine: release or delete it" % (queue_id,))
+        mark = self._withdraw(queue_id, "hold")
+        try:
+            yield self.queue.move(queue_id, "hold")
+        finally:
+            self._settle(queue_id, mark)
+        log.info("{queue_id} held by the administrator (was {state})", queue_id=queue_id, state=state)
+        return {"queue_id": queue_id, "state": "hold", "from": state}
+
+    @defer.inlineCallbacks
+    def release(self, queue_id):
+        """Hold or quarantine -> active: delivered at once.  Tracking RELEASE."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        if state not in ("hold", "quarantine"):
+            raise QueueCommandError("%s is not held or quarantined (it is %s)" % (queue_id, state))
+        self._withdrawn.pop(queue_id, None)
+        self._forced.add(queue_id)  # whatever its retry time was: the administrator wants it now
+        yield self.queue.move(queue_id, "active")  # the queue's notice wakes delivery
+        self._track("RELEASE", envelope, data, recipients=list(envelope.recipients),
+                    stage=state, reason="administrator")
+        log.info("{queue_id} released from {state} by the administrator", queue_id=queue_id,
+                 state=state)
+        return {"queue_id": queue_id, "state": "active", "from": state}
+
+    @defer.inlineCallbacks
+    def delete(self, queue_id):
+        """Remove a message (any state) without telling anyone.  Tracking DELETE."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        raw = yield self.queue.load_state(queue_id)
+        msg = MessageState.from_bytes(raw, envelope)
+        mark = self._withdraw(queue_id, "delete")
+        try:
+            yield self.queue.remove(queue_id)
+        finally:
+            self._settle(queue_id, mark)
+        self._track("DELETE", envelope, data, recipients=msg.pending(), stage=state,
+                    reason="administrator")
+        log.info("{queue_id} deleted by the administrator (was {state})", queue_id=queue_id,
+                 state=state)
+        return {"queue_id": queue_id, "from": state, "pending": msg.pending()}
+
+    @defer.inlineCallbacks
+    def bounce(self, queue_id):
+        """
+        Give up on a message now (any state): every recipient still pending bounces with 5.0.0,
+        the sender gets one DSN (unless it is <>), the message is removed.  A round in progress is
+        let finish first, so that what it learns is reported too.  Tracking BOUNCE, then DSN.
+        """
+        yield self.queue.load(queue_id)  # KeyError, ValueError before anything changes
+        mark = self._withdraw(queue_id, "bounce")
+        try:
+            yield self._round_over(queue_id)
+            if self._withdrawn.get(queue_id) is not mark:
+                raise QueueCommandError("%s: another operation took it over" % (queue_id,))
+            self._cancel_timer(queue_id)
+            state, envelope, data = yield self.queue.load(queue_id)
+            msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+            now = self.clock.seconds()
+            code, status, text = ADMIN_BOUNCE
+            pending = msg.pending()
+            for rcpt in pending:
+                last = msg.recipients[rcpt].get("text")
+                reason = "%s; last error: %s" % (text, last) if last else text
+                result = RecipientResult(rcpt, "bounced", code, status, reason)
+                msg.record(result, now)
+                self._track("BOUNCE", envelope, data, recipients=[rcpt], route=None,
+                            reply="%d %s %s" % (code, status, reason), reason="administrator",
+                            latency=now - envelope.received_at)
+            bounced = msg.unreported("bounced")
+            dsn_id = None
+            if bounced:
+                dsn_id = yield self._notify(envelope, data, msg, bounced, now, "failed")
+            yield self.queue.save_state(queue_id, msg.to_bytes())
+            yield self.queue.remove(queue_id)
+        finally:
+            self._settle(queue_id, mark)
+        log.info("{queue_id} bounced by the administrator: {count} recipient(s)", queue_id=queue_id,
+                 count=len(pending))
+        return {"queue_id": queue_id, "from": state, "bounced": pending, "dsn": dsn_id}
 
 
 def _human(seconds):

@@ -3,11 +3,16 @@ The twistd plugin's options and service maker: the only module that uses the glo
 
 Every start-up problem (bad config, unreadable key, busy port) is printed as one line naming the
 file, section and key, and twistd exits 1: no traceback.
+
+SIGHUP reloads the configuration (GatewayService.reload): the handler, installed here and never in
+a library module, only hands the work to the reactor thread.
 """
 
+import signal
 import sys
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mailgate import Gateway
@@ -47,6 +52,37 @@ class _Guarded(service.MultiService):
             _fail(e)
 
 
+log = Logger()
+
+
+class _ReloadOnHangup(service.Service):
+    """While running, SIGHUP makes the gateway reload its configuration."""
+
+    def __init__(self, gateway, reactor):
+        self.gateway = gateway
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self):
+        service.Service.startService(self)
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum, frame):
+        # A signal handler may run between any two bytecodes: only schedule the work.
+        self.reactor.callFromThread(self._reload)
+
+    def _reload(self):
+        log.info("SIGHUP: reloading {path}", path=self.gateway.config.path)
+        d = self.gateway.reload()
+        d.addErrback(lambda failure: None)  # refused: reload() has logged why
+
+
 def makeService(options):
     from twisted.internet import reactor
 
@@ -56,4 +92,5 @@ def makeService(options):
         _fail(e)
     top = _Guarded()
     gateway.setServiceParent(top)
+    _ReloadOnHangup(gateway, reactor).setServiceParent(top)
     return top

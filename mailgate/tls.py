@@ -239,6 +239,11 @@ def check_tls_config(config):
     """
     For ``mailgate check-config``: validate the TLS files when a listener uses TLS.  Returns
     warnings (strings); raises ConfigError for what would stop the gateway (or its clients).
+
+    ConfigError: a file that does not load, a key that does not match the certificate, an
+    expired certificate.  Warnings: not valid yet, expiring within 30 days, names not covering
+    [gateway] hostname, a self-signed certificate, a chain whose certificates are not each
+    issued by the next, an expired certificate later in the chain.
     """
     if all(listener.tls == "none" for listener in config.listeners):
         return []
@@ -252,8 +257,9 @@ def check_tls_config(config):
             " generated at start-up (testing only; clients will not trust it)"
             % (tls.certificate, hostname)
         ]
-    server_context_factory(tls, config.path)
-    leaf = load_chain(tls, config.path)[0]
+    server_context_factory(tls, config.path)  # the files load, and the key matches
+    chain = load_chain(tls, config.path)
+    leaf = chain[0]
     not_before, not_after = _validity(leaf)
     now, warnings = _now(), []
     if not_after <= now:
@@ -273,6 +279,56 @@ def check_tls_config(config):
             "[tls] certificate %s names (%s) do not cover [gateway] hostname %s"
             % (tls.certificate, ", ".join(names) or "none", hostname)
         )
+    return warnings + _chain_warnings(tls.certificate, chain, now)
+
+
+def _subject(cert):
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+def _issued_by(cert, issuer):
+    """Whether issuer's key signed cert and issuer's subject is cert's issuer."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # ValueError (names), InvalidSignature, TypeError (key types), ...
+        return False
+    return True
+
+
+def _chain_warnings(path, chain, now):
+    """
+    The certificate file's chain, as far as it goes: a self-signed leaf; each certificate issued
+    by the next one; certificates after the leaf expired or not yet valid.  Whether the chain
+    ends at a root is not asked: the root is best left out, clients have it.
+    """
+    warnings = []
+    leaf = chain[0]
+    if leaf.issuer == leaf.subject and _issued_by(leaf, leaf):
+        warnings.append(
+            "[tls] certificate %s is self-signed (%s): servers that verify certificates will not"
+            " trust it; use one from a CA" % (path, _subject(leaf))
+        )
+    for index in range(len(chain) - 1):
+        cert, following = chain[index], chain[index + 1]
+        if not _issued_by(cert, following):
+            warnings.append(
+                "[tls] certificate %s: certificate %d (%s) is not issued by the one after it"
+                " (%s): the chain is out of order or holds a wrong intermediate; put the"
+                " leaf first, then each issuer in turn"
+                % (path, index + 1, _subject(cert), _subject(following))
+            )
+    for index, cert in enumerate(chain[1:], 2):
+        not_before, not_after = _validity(cert)
+        if not_after <= now:
+            warnings.append(
+                "[tls] certificate %s: chain certificate %d (%s) expired on %s: replace it with"
+                " the CA's current one" % (path, index, _subject(cert), not_after.date())
+            )
+        elif not_before > now:
+            warnings.append(
+                "[tls] certificate %s: chain certificate %d (%s) is not valid before %s"
+                % (path, index, _subject(cert), not_before)
+            )
     return warnings
 
 

@@ -1054,3 +1054,182 @@ class ReplyParsingTests(SynchronousTestCase):
     def test_status_only(self):
         r = parse_reply(250, b"2.0.0")
         self.assertEqual((r.status, r.text), ("2.0.0", ""))
+
+
+# --- protocol events -----------------------------------------------------------------------------
+
+
+class ProtocolEventTests(DeliveryTestCase):
+    """Every outbound SMTP session on the event bus: commands, replies, TLS; no secrets, no body."""
+
+    def bus(self):
+        from mailgate.events import EventBus
+
+        bus = EventBus(reactor)
+        seen = []
+        bus.subscribe(lambda kind, fields: seen.append((kind, dict(fields))))
+        return bus, seen
+
+    def deliver_with_events(self, hops, route=None, data=MESSAGE):
+        bus, seen = self.bus()
+        config = DeliveryConfig(connect_timeout=5.0, command_timeout=5.0, data_timeout=10.0)
+        deliverer = Deliverer(reactor, HOSTNAME, config, TLSConfig(), events=bus)
+        d = self.deliver(hops, route=route, deliverer=deliverer, data=data)
+        return d.addCallback(lambda results: (results, [f for k, f in seen if k == "protocol"]))
+
+    def assertNoSecrets(self, events, *secrets):
+        import base64
+
+        text = repr(events)
+        for secret in secrets:
+            self.assertNotIn(secret, text)
+            self.assertNotIn(base64.b64encode(secret.encode()).decode(), text)
+
+    @defer.inlineCallbacks
+    def test_plain_session(self):
+        sink = self.sink()
+        [result], events = yield self.deliver_with_events(sink)
+        self.assertOutcome(result, "delivered")
+        [session] = {e["session"] for e in events}
+        self.assertRegex(session, "^[0-9a-f]{12}$")
+        for e in events:
+            self.assertEqual(e["route"], "test")
+            self.assertEqual(e["direction"], "out")
+            self.assertEqual(e["remote"], "%s:%d" % (LOOPBACK, sink.port))
+            self.assertTrue(e["local"].startswith(LOOPBACK + ":"), e)
+            self.assertIn("time", e)
+            self.assertNotIn("listener", e)
+        steps = [(e["event"], e["data"].split("\n")[0][:14]) for e in events]
+        self.assertEqual(steps, [
+            ("connect", ("%s:%d tls" % (LOOPBACK, sink.port))[:14]),
+            ("reply", "220 sink.test "),
+            ("command", "EHLO " + HOSTNAME[:9]),
+            ("reply", "250-sink.test "),
+            ("command", "MAIL FROM:<sen"),
+            ("reply", "250 2.1.0 Ok"),
+            ("command", "RCPT TO:<user@"),
+            ("reply", "250 2.1.5 Ok"),
+            ("command", "DATA"),
+            ("reply", "354 End data w"),
+            ("reply", "250 2.0.0 Ok: "),
+            ("command", "QUIT"),
+            ("reply", "221 2.0.0 Bye"),
+            ("disconnect", ""),
+        ])
+        self.assertEqual(events[0]["data"], "%s:%d tls=opportunistic" % (LOOPBACK, sink.port))
+        self.assertIsNone(events[0]["message_id"])  # MESSAGE has no Message-ID
+        self.assertEqual(events[4]["data"], "MAIL FROM:<%s>" % SENDER)
+        self.assertEqual(events[6]["data"], "RCPT TO:<%s>" % RCPT)
+        ehlo = events[3]["data"].split("\n")
+        self.assertGreater(len(ehlo), 1)  # a multi-line reply is one event
+        self.assertTrue(all(line[:4] == "250-" for line in ehlo[:-1]), ehlo)
+        self.assertEqual(ehlo[-1][:4], "250 ")
+        # The message never appears, only the DATA command and the replies.
+        self.assertNotIn("Hello there", repr(events))
+        self.assertNotIn("starts with a dot", repr(events))
+
+    @defer.inlineCallbacks
+    def test_message_id_on_connect(self):
+        sink = self.sink()
+        data = b"Message-ID: <abc.123@origin.test>\r\n" + MESSAGE
+        [result], events = yield self.deliver_with_events(sink, data=data)
+        self.assertOutcome(result, "delivered")
+        self.assertEqual(events[0]["event"], "connect")
+        self.assertEqual(events[0]["message_id"], "<abc.123@origin.test>")
+        self.assertEqual([e for e in events[1:] if "message_id" in e], [])
+
+    @defer.inlineCallbacks
+    def test_tls_and_auth_plain_masked(self):
+        sink = self.tls_sink(auth=("relay", "s3cret"))
+        route = make_route("required", username="relay", password="s3cret")
+        [result], events = yield self.deliver_with_events(sink, route=route)
+        self.assertOutcome(result, "delivered")
+        self.assertEqual(sink.messages[0]["auth"], ("relay", "s3cret"))  # really sent
+        kinds = [e["event"] for e in events]
+        self.assertEqual(kinds.count("tls"), 1)
+        tls = events[kinds.index("tls")]
+        self.assertRegex(tls["data"], r"^TLSv1\.[23] \S+$")
+        # EHLO is handed to the TLS layer at once; it goes out when the handshake is done.
+        before = [(e["event"], e["data"][:8]) for e in events[kinds.index("tls") - 3:]][:3]
+        self.assertEqual(before, [("command", "STARTTLS"), ("reply", "220 2.0."),
+                                  ("command", "EHLO gw.")])
+        commands = [e["data"] for e in events if e["event"] == "command"]
+        self.assertIn("AUTH PLAIN ****", commands)
+        self.assertEqual(len([c for c in commands if c.startswith("EHLO")]), 2)
+        self.assertNoSecrets(events, "s3cret", "\0relay\0s3cret")
+        auth = commands.index("AUTH PLAIN ****")
+        self.assertTrue(commands[auth + 1].startswith("MAIL FROM:"), commands)  # unmasked again
+
+    @defer.inlineCallbacks
+    def test_auth_login_responses_masked(self):
+        sink = self.tls_sink(auth=("relay", "s3cret"), auth_mechanisms="LOGIN")
+        route = make_route("required", username="relay", password="s3cret")
+        [result], events = yield self.deliver_with_events(sink, route=route)
+        self.assertOutcome(result, "delivered")
+        dialogue = [(e["event"], e["data"]) for e in events if e["event"] in ("command", "reply")]
+        at = dialogue.index(("command", "AUTH LOGIN"))
+        self.assertEqual(dialogue[at:at + 6], [
+            ("command", "AUTH LOGIN"),
+            ("reply", "334 VXNlcm5hbWU6"),
+            ("command", "****"),
+            ("reply", "334 UGFzc3dvcmQ6"),
+            ("command", "****"),
+            ("reply", "235 2.7.0 Authentication successful"),
+        ])
+        self.assertEqual(dialogue[at + 6], ("command", "MAIL FROM:<%s>" % SENDER))
+        self.assertNoSecrets(events, "s3cret")
+        self.assertNotIn("cmVsYXk=", repr(events))  # base64 of the username too
+
+    @defer.inlineCallbacks
+    def test_refused_auth_masked(self):
+        sink = self.tls_sink(auth=("relay", "right"))
+        route = make_route("required", username="relay", password="wrong")
+        [result], events = yield self.deliver_with_events(sink, route=route)
+        self.assertOutcome(result, "deferred", 451, "4.7.8")
+        replies = [e["data"] for e in events if e["event"] == "reply"]
+        self.assertIn("535 5.7.8 Authentication credentials invalid", replies)
+        commands = [e["data"] for e in events if e["event"] == "command"]
+        self.assertEqual(commands[-2:], ["AUTH PLAIN ****", "QUIT"])
+        self.assertNoSecrets(events, "wrong", "\0relay\0wrong")
+
+    @defer.inlineCallbacks
+    def test_a_session_per_connection(self):
+        first = self.sink(banner=(421, "4.3.2 busy"))
+        second = self.sink()
+        [result], events = yield self.deliver_with_events([first, second])
+        self.assertOutcome(result, "delivered")
+        sessions = list(dict.fromkeys(e["session"] for e in events))
+        self.assertEqual(len(sessions), 2)
+        one = [e for e in events if e["session"] == sessions[0]]
+        two = [e for e in events if e["session"] == sessions[1]]
+        self.assertEqual(one[0]["remote"], "%s:%d" % (LOOPBACK, first.port))
+        self.assertEqual(two[0]["remote"], "%s:%d" % (LOOPBACK, second.port))
+        self.assertEqual([(e["event"], e["data"]) for e in one[:3]], [
+            ("connect", "%s:%d tls=opportunistic" % (LOOPBACK, first.port)),
+            ("reply", "421 4.3.2 busy"),
+            ("command", "QUIT"),
+        ])
+        # The server closes after its 421: our QUIT meets a FIN or a RST, either is reported.
+        self.assertEqual([e["event"] for e in one[3:]], ["disconnect"])
+        self.assertEqual(two[-1]["event"], "disconnect")
+
+    @defer.inlineCallbacks
+    def test_plaintext_retry_is_a_new_session(self):
+        sink = self.tls_sink(starttls_garbage=True)
+        [result], events = yield self.deliver_with_events(sink)
+        self.assertOutcome(result, "delivered")
+        sessions = list(dict.fromkeys(e["session"] for e in events))
+        self.assertEqual(len(sessions), 2)
+        first = [e for e in events if e["session"] == sessions[0]]
+        self.assertEqual(first[-1]["event"], "disconnect")
+        self.assertNotEqual(first[-1]["data"], "")  # why: the handshake failed
+        self.assertNotIn("tls", [e["event"] for e in events])
+        self.assertNotIn("STARTTLS", [e["data"] for e in events if e["session"] == sessions[1]])
+
+    @defer.inlineCallbacks
+    def test_no_bus_no_events(self):
+        sink = self.sink()
+        deliverer = self.deliverer()
+        self.assertIsNone(deliverer.events)
+        [result] = yield self.deliver(sink, deliverer=deliverer)
+        self.assertOutcome(result, "delivered")

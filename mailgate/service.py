@@ -410,8 +410,11 @@ class _Builder:
     deliverer) stays for every reload.  prepare() changes nothing; commit() adopts what it made.
     """
 
-    def __init__(self, reactor, threadpool, run_in_thread, hooks, auth, resolver, deliverer):
+    def __init__(self, reactor, threadpool, run_in_thread, hooks, auth, resolver, deliverer,
+                 events=None, metrics=None):
         self.reactor = reactor
+        self.events = events
+        self.metrics = metrics
         self.threadpool = threadpool
         self.run_in_thread = run_in_thread
         self.run = run_in_thread or partial(threads.deferToThreadPool, reactor, threadpool)
@@ -428,7 +431,7 @@ class _Builder:
         if previous is not None:
             _check_unchanged(config, previous.config)
         resolver = self._resolver(config, previous)
-        context = FilterContext(config, self.reactor, resolver, self.run)
+        context = FilterContext(config, self.reactor, resolver, self.run, events=self.events)
         tls = _tls_options(config)
         auth, users_path = self._auth(config, previous)
         chains = {listener.name: self.hooks if self.hooks is not None else build_chain(listener, context)
@@ -442,7 +445,8 @@ class _Builder:
         if self.deliverer is None:
             from mailgate.delivery import Deliverer
 
-            deliverer = Deliverer(self.reactor, config.gateway.hostname, config.delivery, config.tls)
+            deliverer = Deliverer(self.reactor, config.gateway.hostname, config.delivery, config.tls,
+                                  events=self.events)
         return _Parts(config, resolver, tls, auth, chains, signer, deliverer, users_path)
 
     def commit(self, parts):
@@ -463,7 +467,12 @@ class _Builder:
             return previous.resolver
         from mailgate.resolver import make_resolver
 
-        return make_resolver(config.dns, self.reactor)  # the one resolver: filters and delivery
+        resolver = make_resolver(config.dns, self.reactor)  # the one resolver: filters and delivery
+        if self.metrics is not None:
+            from mailgate.metrics import InstrumentedResolver
+
+            resolver = InstrumentedResolver(resolver, self.metrics, self.reactor)
+        return resolver
 
     def _auth(self, config, previous):
         """(IAuthBackend or None, users file path or None)."""
@@ -540,15 +549,18 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     admin=False leaves out the admin channel ([admin] socket).
     Raises ConfigError for anything wrong that can be seen before starting.
     """
+    from mailgate.metrics import Metrics, MetricsService
     from mailgate.scheduler import DeliveryService
 
     if threadpool is None and run_in_thread is None:
         threadpool = reactor.getThreadPool()
     _prepare_spool_dir(config)
-    builder = _Builder(reactor, threadpool, run_in_thread, hooks, auth, resolver, deliverer)
+    events = EventBus(reactor)
+    metrics = Metrics(events, reactor)
+    builder = _Builder(reactor, threadpool, run_in_thread, hooks, auth, resolver, deliverer,
+                       events=events, metrics=metrics)
     parts = builder.prepare(config)
     builder.commit(parts)
-    events = EventBus(reactor)
     queue = Spool(config.queue.path, reactor, threadpool, run_in_thread)
     delivery = None
     if deliver:
@@ -557,6 +569,11 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     gateway = GatewayService(config, queue, [], delivery)
     gateway.events = events  # subscribe here for protocol and tracking events
     gateway._builder, gateway._parts = builder, parts
+    if config.logging.dir:
+        from mailgate.logs import LogService
+
+        # The first child: it starts before any session and stops (draining its queue) last.
+        LogService(config.logging, reactor, events).setServiceParent(gateway)
     for listener in config.listeners:
         listener_service = gateway._listener_service(config, listener, parts)
         gateway.factories.append(listener_service.smtp_factory)
@@ -566,4 +583,7 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
 
         gateway.admin = AdminService(config, reactor, gateway)
         gateway.admin.setServiceParent(gateway)
+    # /metrics and /healthz when [metrics] endpoint is set; the [alerts] checks in any case.
+    gateway.metrics = MetricsService(config, reactor, gateway, metrics=metrics)
+    gateway.metrics.setServiceParent(gateway)
     return gateway

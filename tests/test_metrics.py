@@ -474,6 +474,7 @@ class HTTPTests(unittest.TestCase):
         self.config = gateway_config(self)
         self.gateway = build_service(self.config, reactor, run_in_thread=sync_runner, deliver=False)
         # As build_service may wire it: a child of the gateway, started and stopped with it.
+        self.gateway.metrics.disownServiceParent()  # this test builds its own
         self.service = MetricsService(self.config, reactor, self.gateway)
         self.service.setServiceParent(self.gateway)
         self.gateway.startService()
@@ -593,6 +594,7 @@ class ServiceTests(unittest.TestCase):
         reactor = MemoryReactorClock()
         config = gateway_config(self, endpoint=None)
         gateway = build_service(config, reactor, run_in_thread=sync_runner, deliver=False)
+        gateway.metrics.disownServiceParent()  # this test builds its own
         service = MetricsService(config, reactor, gateway)
         service.startService()
         self.assertIsNone(service.port)
@@ -611,6 +613,7 @@ class ServiceTests(unittest.TestCase):
         gateway = build_service(config, reactor, run_in_thread=runner, deliver=False)
         gateway.startService()
         self.addCleanup(gateway.stopService)
+        gateway.metrics.disownServiceParent()  # this test builds its own
         service = MetricsService(config, reactor, gateway, queue_interval=15)
         service.startService()
         self.assertEqual(reactor.tcpServers[-1][0], 9100)
@@ -635,6 +638,7 @@ class ServiceTests(unittest.TestCase):
         gateway = build_service(config, reactor, run_in_thread=sync_runner, deliver=False)
         gateway.startService()
         self.addCleanup(gateway.stopService)
+        gateway.metrics.disownServiceParent()  # this test builds its own
         service = MetricsService(config, reactor, gateway)
         service.startService()
         self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [10.0])
@@ -657,6 +661,7 @@ class ServiceTests(unittest.TestCase):
                                 resolver=upstream)
         metrics = Metrics(gateway.events, reactor)
         resolver = InstrumentedResolver(upstream, metrics, reactor)
+        gateway.metrics.disownServiceParent()  # this test builds its own
         service = MetricsService(config, reactor, gateway, metrics=metrics)
         self.assertIs(service.metrics, metrics)
         self.assertIs(metrics.queue, gateway.queue)
@@ -681,6 +686,7 @@ class ServiceTests(unittest.TestCase):
         reactor = BusyReactor()
         config = gateway_config(self, endpoint="tcp:9100")
         gateway = build_service(config, MemoryReactorClock(), run_in_thread=sync_runner, deliver=False)
+        gateway.metrics.disownServiceParent()  # this test builds its own
         service = MetricsService(config, reactor, gateway)
         error = self.assertRaises(ConfigError, service.startService)
         self.assertIn("[metrics] endpoint: cannot listen on tcp:9100", str(error))

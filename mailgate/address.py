@@ -65,6 +65,15 @@ def _fail(reply):
 # ---------------------------------------------------------------------------------------------
 
 
+def is_ip_address(text):
+    """True when text is a bare IPv4 or IPv6 address (no brackets)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_mail(arg):
     """
     Parse the argument of MAIL (e.g. 'FROM:<a@b.example> SIZE=123') into (Address, params).

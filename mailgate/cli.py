@@ -8,11 +8,11 @@ are fixing a config file, not debugging Python.
 
 import argparse
 import getpass
-import ipaddress
 import os
 import re
 import sys
 
+from mailgate.address import is_ip_address
 from mailgate.config import load_config, render_config
 from mailgate.errors import ConfigError
 
@@ -233,14 +233,6 @@ def _diagnostic_setup(args):
     return config, cafile, timeout, ehlo
 
 
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _lookups(config):
     """Blocking DNS for the diagnostic commands: [dns] nameservers only, when configured."""
     from mailgate.diagnose import Lookups
@@ -261,7 +253,7 @@ def _check_tls_command(args):
 
     try:
         host, port = checktls.parse_target(args.target)
-        if args.servername is not None and not _is_ip(args.servername):
+        if args.servername is not None and not is_ip_address(args.servername):
             _dns_name("a host name like mx.example.com", args.servername, False)
         config, cafile, timeout, ehlo = _diagnostic_setup(args)
     except (ConfigError, ValueError) as e:

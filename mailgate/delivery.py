@@ -72,7 +72,6 @@ an event (DATA goes through the transport, not sendLine): only the DATA command 
 """
 
 import io
-import ipaddress
 import re
 import secrets
 
@@ -93,6 +92,7 @@ from twisted.mail.interfaces import IClientAuthentication
 from twisted.python import failure
 from zope.interface import implementer
 
+from mailgate.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
 
@@ -227,7 +227,7 @@ class _UnverifiedClientTLS:
     def __init__(self, options, hostname):
         self._options = options
         self._sni = None
-        if hostname and not _is_ip(hostname):
+        if hostname and not is_ip_address(hostname):
             try:
                 self._sni = hostname.encode("idna")
             except UnicodeError:
@@ -238,14 +238,6 @@ class _UnverifiedClientTLS:
         if self._sni:
             connection.set_tlsext_host_name(self._sni)
         return connection
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _TLSConfigError(Exception):
@@ -898,7 +890,7 @@ class Deliverer:
             reason = _Reason(451, "4.3.5", "unknown tls policy %r for route %s"
                              % (route.tls, route.name))
             return defer.succeed(_hop_failure(recipients, reason))
-        if not _is_ip(hop.address):
+        if not is_ip_address(hop.address):
             reason = _Reason(451, "4.4.4", "hop %s: %r is not an IP address (not resolved here)"
                              % (hop.name, hop.address))
             return defer.succeed(_hop_failure(recipients, reason))

@@ -22,6 +22,7 @@ import dns.resolver
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailgate.address import is_ip_address
 from mailgate import checktls
 from mailgate.checktls import FAIL, INFO, OK, WARN, Finding
 
@@ -197,7 +198,7 @@ def _mx_text(records):
 def _addresses(host, lookups, findings):
     """The A and AAAA addresses of an MX host, checked; findings appended."""
     check = "%s addresses" % (host,)
-    if _is_ip(host):
+    if is_ip_address(host):
         findings.append(Finding(FAIL, check, "the MX names an IP address, not a host name:"
                                 " senders look %s up as a name and find nothing" % (host,)))
         return []
@@ -229,14 +230,6 @@ def _addresses(host, lookups, findings):
         findings.append(Finding(INFO, check, "no IPv6 address (AAAA record): senders reach %s"
                                 " over IPv4 only" % (host,)))
     return addresses
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- SPF (RFC 7208) ----------------------------------------------------------------------------

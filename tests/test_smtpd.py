@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from mailgate.config import Limits
 from mailgate.envelope import Reply
 
-from tests.smtphelp import MemoryAuth, MemoryQueue, Session, listener
+from tests.smtphelp import Session, listener
 
 MESSAGE = "Subject: hi\r\n\r\nhello\r\n.\r\n"
 

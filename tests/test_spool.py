@@ -10,7 +10,6 @@ import re
 import threading
 import zlib
 
-import attr
 from twisted.internet import defer
 from twisted.internet import reactor as global_reactor
 from twisted.logger import Logger, LogLevel

@@ -192,16 +192,22 @@ def _header_fields(raw):
         yield tuple(field)
 
 
+# Header fields only this gateway writes (the DMARC tag of quarantine_action = tag): an incoming
+# one is a forgery, whatever it says.
+OWN_FIELDS = frozenset({"x-mailgate-dmarc"})
+
+
 def strip_forged(raw, authserv_id):
     """
     raw (message bytes, CRLF line ends) without the Authentication-Results fields, continuation
     lines included, whose authserv-id is ours (compared without case, ignoring a version after
-    it and comments before it).  Other fields, their order and the body are kept byte for byte;
-    only the header block is read.
+    it and comments before it), and without any of OWN_FIELDS.  Other fields, their order and
+    the body are kept byte for byte; only the header block is read.
     """
     ours = str(authserv_id).lower().rstrip(".")
     drop = [(start, end) for start, end, name in _header_fields(raw)
-            if name == "authentication-results" and field_authserv_id(raw[start:end]) == ours]
+            if name in OWN_FIELDS
+            or (name == "authentication-results" and field_authserv_id(raw[start:end]) == ours)]
     if not drop:
         return raw
     out, pos = [], 0

@@ -201,3 +201,10 @@ class StripForgedTests(unittest.TestCase):
         self.assertIsNone(field_authserv_id(b"Authentication-Results: ; spf=pass"))
         self.assertIsNone(field_authserv_id(b"Authentication-Results: (unterminated"))
         self.assertIsNone(field_authserv_id(b"no colon"))
+
+
+def test_incoming_mailgate_dmarc_tag_is_removed_as_a_forgery():
+    raw = (b"X-Mailgate-DMARC: pass\r\nSubject: hi\r\nx-mailgate-dmarc:\r\n  none\r\n"
+           b"X-Mailgate-DMARCish: kept\r\n\r\nX-Mailgate-DMARC: body text stays\r\n")
+    assert strip_forged(raw, "mx.example.net") == (
+        b"Subject: hi\r\nX-Mailgate-DMARCish: kept\r\n\r\nX-Mailgate-DMARC: body text stays\r\n")

@@ -149,6 +149,9 @@ class SMTPServer(smtp.ESMTP):
 
     def _connected(self, reply):
         if reply is not None and not reply.is_positive:
+            if reply.is_temporary and reply.code != 421:
+                # RFC 5321 3.1: the only temporary greeting is 421 (then close).
+                reply = R(421, reply.status, "%s %s" % (self.hostname, reply.text))
             self._close(reply)
         else:
             self._reply(policy.banner_reply(self.hostname))

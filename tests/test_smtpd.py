@@ -645,6 +645,15 @@ class HookTests(unittest.TestCase):
         s.cmd("MAIL FROM:<a@remote.example>")
         self.assertEqual(s.cmd("RCPT TO:<u@example.com>"), "550 5.1.1 No such user\r\n")
 
+    def test_temporary_refusal_at_connect_is_a_421_greeting(self):
+        class Busy:
+            def on_connect(self, session):
+                return Reply(451, "4.3.0", "Temporary failure, please try again later")
+
+        s = Session(listener(), hooks=Busy())
+        self.assertEqual(s.read(), "421 4.3.0 mx.example.net Temporary failure, please try again later\r\n")
+        self.assertTrue(s.closed)
+
     def test_connect_hook_can_refuse(self):
         class Refuse:
             def on_connect(self, session):

@@ -12,33 +12,13 @@ from email.parser import BytesParser
 import attr
 import pytest
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from mailgate import mimewalk
 from mailgate.config import DEFAULT_BLOCKED_EXTENSIONS, AttachmentsConfig
 from mailgate.filters import attachments
 from mailgate.interfaces import IFilter
 from tests import attachment_corpus as corpus
-
-
-class Runner:
-    """A synchronous run_in_thread that records what it ran."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, f, *args):
-        self.calls += 1
-        return defer.maybeDeferred(f, *args)
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
+from tests.syncrun import Runner, result_of
 
 
 def make_filter(**options):

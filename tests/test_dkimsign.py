@@ -7,12 +7,11 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from mailgate.config import DKIMConfig
 from mailgate.dkimsign import DKIMSigner, dns_record, from_domain, generate_key
 from mailgate.errors import ConfigError
+from tests.syncrun import Runner, result_of
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\n"
@@ -23,26 +22,6 @@ MESSAGE = (
     b"\r\n"
     b"Noon at the usual place.\r\n"
 )
-
-
-class Runner:
-    """A synchronous run_in_thread that records what it ran."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, f, *args):
-        self.calls += 1
-        return defer.maybeDeferred(f, *args)
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def pem(key, fmt=serialization.PrivateFormat.PKCS8):

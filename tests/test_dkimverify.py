@@ -4,12 +4,10 @@ the DNS bridge on the loopback DNS server.  The keys (RSA 2048, Ed25519) are mad
 messages signed with dkimpy.
 """
 
-import base64
 import email
 import email.policy
 
 import dkim
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -22,6 +20,7 @@ from mailgate.message import Message
 from mailgate.verdict import AuthResult
 from tests.dnsserver import TestDNS
 from tests.test_dnsbridge import FakeSession, forbid_system_dns, run_in_thread, serve
+from tests.dkimkeys import key_record as record, private
 
 MESSAGE = (
     b"From: Alice <alice@signer.test>\r\n"
@@ -43,28 +42,6 @@ def keys():
         _keys["ed25519"] = ed25519.Ed25519PrivateKey.generate()
         _keys["other"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return _keys
-
-
-def private(key):
-    """The private key as dkimpy signs with it."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
-        return base64.b64encode(seed)
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())
-
-
-def record(key):
-    """The key's TXT record."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                            serialization.PublicFormat.Raw)
-        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode("ascii")
-    spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "v=DKIM1; k=rsa; p=" + base64.b64encode(spki).decode("ascii")
 
 
 def sign(message, key, selector=b"rsa", domain=b"signer.test", algorithm=b"rsa-sha256", **kw):

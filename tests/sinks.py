@@ -383,7 +383,9 @@ def _path(text):
 class Sink:
     """See the module docstring."""
 
-    def __init__(self, host="127.0.0.1", per_connection=None, **behaviour):
+    def __init__(self, host="127.0.0.1", per_connection=None, port=0, **behaviour):
+        """port 0: any free port; several sinks on different loopback hosts may share one."""
+        self.wanted_port = port
         unknown = set(behaviour) - set(DEFAULTS)
         if unknown:
             raise TypeError("unknown Sink behaviour: %s" % ", ".join(sorted(unknown)))
@@ -413,11 +415,11 @@ class Sink:
 
     def start(self):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._server = _Server(self, (self.host, 0), family)
+        self._server = _Server(self, (self.host, self.wanted_port), family)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs=dict(poll_interval=0.05),
-            name="sink-%d" % self.port, daemon=True,
+            name="sink-%s-%d" % (self.host, self.port), daemon=True,
         )
         self._thread.start()
         return self.port

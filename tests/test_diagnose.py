@@ -8,10 +8,8 @@ the no_system_resolver guard (from test_checktls) fails any test that reaches fo
 
 import base64
 import os
-import socket
 import subprocess
 import sys
-import threading
 
 import dns.resolver
 import pytest
@@ -29,22 +27,9 @@ from tests.test_checktls import (  # noqa: F401 (no_system_resolver is an autous
 from tests.tlsutil import make_ca
 
 
-class PortSink(sinkmodule.Sink):
-    """A Sink on a port chosen by the test (so that several addresses share one mx_port)."""
-
-    def __init__(self, host, port, **behaviour):
-        sinkmodule.Sink.__init__(self, host=host, **behaviour)
-        self.wanted_port = port
-
-    def start(self):
-        self._server = sinkmodule._Server(self, (self.host, self.wanted_port), socket.AF_INET)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs=dict(poll_interval=0.05),
-            name="sink-%s-%d" % (self.host, self.port), daemon=True,
-        )
-        self._thread.start()
-        return self.port
+def PortSink(host, port, **behaviour):
+    """A sink on a chosen port: the MX sinks of one domain share [delivery] mx_port."""
+    return sinkmodule.Sink(host=host, port=port, **behaviour)
 
 
 def _start_sinks(specs):

@@ -466,27 +466,9 @@ class Holding:
         }
 
 
-class PortSink(sinks.Sink):
-    """
-    A tests.sinks.Sink on a port chosen by the caller instead of an ephemeral one: MX hosts are
-    all reached on [delivery] mx_port, so the sinks standing in for them listen on the SAME port
-    on different loopback addresses (127.0.0.2, 127.0.0.3, ...).  OSError when it is taken.
-    """
-
-    def __init__(self, host, port, per_connection=None, **behaviour):
-        sinks.Sink.__init__(self, host=host, per_connection=per_connection, **behaviour)
-        self.wanted_port = port
-
-    def start(self):
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._server = sinks._Server(self, (self.host, self.wanted_port), family)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs=dict(poll_interval=0.05),
-            name="sink-%s-%d" % (self.host, self.port), daemon=True,
-        )
-        self._thread.start()
-        return self.port
+def PortSink(host, port, per_connection=None, **behaviour):
+    """A sink on a chosen port (several loopback hosts can share one, like MX hosts on mx_port)."""
+    return sinks.Sink(host=host, per_connection=per_connection, port=port, **behaviour)
 
 
 def common_free_port(hosts):

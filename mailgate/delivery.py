@@ -310,7 +310,7 @@ class DeliverySender(smtp.ESMTPSender):
     def _result(self, recipient, outcome, reason):
         return RecipientResult(
             recipient, outcome, reason.code, reason.status, reason.text,
-            remote=self.hop, tls=self.tls_version,
+            remote=self.hop, tls=self.tls_version, session=self._session,
         )
 
     def _decide(self, final=None, retry=None, tls_failed=False):

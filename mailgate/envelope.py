@@ -125,6 +125,7 @@ class RecipientResult:
     text = attr.ib()
     remote = attr.ib(default=None)
     tls = attr.ib(default=None)
+    session = attr.ib(default=None)  # id of the outbound SMTP session that gave the reply, if any
 
     @property
     def final(self):

@@ -271,10 +271,11 @@ class DeliveryService(service.Service):
 
     def _track_result(self, envelope, data, route, result):
         event = {"delivered": "DELIVER", "deferred": "DEFER", "bounced": "BOUNCE"}[result.outcome]
+        extra = {"session": result.session} if result.session else {}
         self._track(event, envelope, data, recipients=[result.recipient], route=route,
                     reply="%s %s %s" % (result.code, result.status, result.text),
                     remote_host=result.remote.name if result.remote else None, tls=result.tls,
-                    latency=self.clock.seconds() - envelope.received_at)
+                    latency=self.clock.seconds() - envelope.received_at, **extra)
 
     def _groups(self, envelope, data, msg, now):
         """Pending recipients by destination; those without a route bounce here."""

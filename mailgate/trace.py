@@ -7,10 +7,10 @@
 QUERY is a queue id, a Message-ID (with or without <>) or an address (a sender or a recipient,
 without regard to case): whatever it matches.  A message is every tracking event of its queue id
 (the DSN it caused is a message of its own, included too), plus the protocol events of its
-sessions: the inbound one (RECEIVE and REJECT carry "session") and the outbound ones.  Tracking
-events do not name outbound sessions yet (the scheduler would have to put them in DELIVER, DEFER
-and BOUNCE as "session" or "sessions"; used when present), so an outbound session is matched to a
-DELIVER/DEFER/BOUNCE event E of the message by: the same route, a session that began after the
+sessions: the inbound one (RECEIVE and REJECT carry "session") and the outbound ones.  A
+DELIVER, DEFER or BOUNCE that got a reply from a remote server names its outbound session
+("session"); one that did not (a connection refused, a DNS failure) is matched to a session of
+the message by: the same route, a session that began after the
 message's previous event for those recipients (or its RECEIVE) and ended by E's time (+1 s), and
 MAIL FROM = E's sender with a RCPT TO among E's recipients, or, for a session that ended before
 RCPT, the Message-ID its "connect" event carries (mailgate.delivery).  Refused (REJECT) mail

@@ -1092,6 +1092,7 @@ class ProtocolEventTests(DeliveryTestCase):
         self.assertOutcome(result, "delivered")
         [session] = {e["session"] for e in events}
         self.assertRegex(session, "^[0-9a-f]{12}$")
+        self.assertEqual(result.session, session)  # tracking events can name the session
         for e in events:
             self.assertEqual(e["route"], "test")
             self.assertEqual(e["direction"], "out")

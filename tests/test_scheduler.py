@@ -56,7 +56,8 @@ class FakeDeliverer:
         for rcpt in recipients:
             code, status = self.replies.get(rcpt, (250, "2.0.0"))
             outcome = "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
-            results.append(RecipientResult(rcpt, outcome, code, status, "reply %d" % code, hops[0]))
+            results.append(RecipientResult(rcpt, outcome, code, status, "reply %d" % code, hops[0],
+                                           session="out%d" % len(self.calls)))
         if self.hold:
             d = defer.Deferred()
             self.pending.append((d, results))
@@ -294,6 +295,7 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual((deliver["recipients"], deliver["route"], deliver["remote_host"]),
                          (["a@remote.example"], "internet", "mx.remote.example"))
         self.assertEqual(deliver["reply"], "250 2.0.0 reply 250")
+        self.assertEqual(deliver["session"], "out1")  # the outbound session, for trace
         [bounce] = self.tracked("BOUNCE")
         self.assertEqual(bounce["recipients"], ["b@remote.example"])
         [defer_] = self.tracked("DEFER")

@@ -112,7 +112,8 @@ class GatewayDayTests(TestCase):
         # Each outbound session comes before the event it led to.
         first_defer = lines.index(defer_)
         self.assertIn("451 4.2.0 Mailbox busy", "\n".join(lines[first_defer - 5:first_defer]))
-        self.assertTrue(all(self.outbound[1] not in line for line in lines[first_defer:]))
+        self.assertIn("session=%s" % self.outbound[1], defer_)  # the event names its session
+        self.assertTrue(all(self.outbound[1] not in line for line in lines[first_defer + 1:]))
         self.assertIn("250 2.0.0 Ok: queued", "\n".join(lines[first_defer:lines.index(deliver)]))
         # Indentation: protocol lines by four spaces, reply continuations under their data.
         ehlo = [i for i, line in enumerate(lines) if line.endswith("250-mx.example.net")][0]

@@ -39,11 +39,11 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from mailgate.config import config_file
 from mailgate.errors import ConfigError
 
 log = Logger()
 
-DEFAULT_CONFIG = "/etc/mailgate/mailgate.ini"
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 64 * 1024
 MAX_UNIX_PATH = 107  # bytes: sun_path is 108 on Linux, with its terminating NUL
@@ -363,11 +363,6 @@ def request(path, message, timeout=ANSWER_TIMEOUT):
         return json.loads(answer.decode("utf-8"))
     except ValueError as e:
         raise AdminError("unreadable answer from the gateway: %s" % (e,)) from None
-
-
-def config_file(option=None):
-    """--config, else $MAILGATE_CONFIG, else /etc/mailgate/mailgate.ini."""
-    return option or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG
 
 
 def socket_for(config_path):

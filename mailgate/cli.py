@@ -13,7 +13,7 @@ import re
 import sys
 
 from mailgate.address import is_ip_address
-from mailgate.config import load_config, render_config
+from mailgate.config import DEFAULT_CONFIG, load_config, render_config
 from mailgate.errors import ConfigError
 
 
@@ -125,10 +125,7 @@ def _parser():
     trace.add_argument("--since", metavar="T", help="ISO date or time (UTC unless given)")
     trace.add_argument("--until", metavar="T", help="ISO date (the whole day) or time")
     trace.add_argument("--json", action="store_true", help="print JSON Lines")
-    trace.add_argument(
-        "--config", metavar="FILE",
-        help="the ini file (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.ini)",
-    )
+    _config_option(trace)
     trace.set_defaults(run=_trace)
 
     check_tls = commands.add_parser(
@@ -366,8 +363,7 @@ def _trace(args):
 def _config_option(command):
     command.add_argument(
         "--config", metavar="FILE",
-        help="the gateway's ini file, for its admin socket"
-             " (default: $MAILGATE_CONFIG, then /etc/mailgate/mailgate.ini)",
+        help="the gateway's ini file (default: $MAILGATE_CONFIG, then %s)" % DEFAULT_CONFIG,
     )
 
 

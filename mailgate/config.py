@@ -1109,6 +1109,14 @@ _MAX_FILE_SIZE = 1024 * 1024
 # ---------------------------------------------------------------------------------------------
 
 
+DEFAULT_CONFIG = "/etc/mailgate/mailgate.ini"
+
+
+def config_file(option=None):
+    """Which config the commands use: --config, else $MAILGATE_CONFIG, else DEFAULT_CONFIG."""
+    return option or os.environ.get("MAILGATE_CONFIG") or DEFAULT_CONFIG
+
+
 def load_config(path):
     """Read, parse and check the ini file at path; every problem is one ConfigError."""
     parser = _read(path)

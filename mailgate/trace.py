@@ -463,9 +463,9 @@ def _option(name, text, end=False):
 
 def run(args, out):
     """The `mailgate trace` subcommand (args from mailgate.cli); out(line) prints.  -> status."""
-    from mailgate.config import load_config
+    from mailgate.config import config_file, load_config
 
-    path = args.config or os.environ.get("MAILGATE_CONFIG") or "/etc/mailgate/mailgate.ini"
+    path = config_file(args.config)
     config = load_config(path)
     directory = config.logging.dir
     if directory is None:

@@ -1505,3 +1505,13 @@ def test_render_hides_secret_filter_options(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     assert attr.evolve(load_config(write(other, text)), path=original.path) == original
+
+
+def test_config_file_precedence(monkeypatch):
+    from mailgate.config import DEFAULT_CONFIG, config_file
+
+    monkeypatch.delenv("MAILGATE_CONFIG", raising=False)
+    assert config_file() == DEFAULT_CONFIG == "/etc/mailgate/mailgate.ini"
+    monkeypatch.setenv("MAILGATE_CONFIG", "/srv/env.ini")
+    assert config_file() == "/srv/env.ini"
+    assert config_file("given.ini") == "given.ini"

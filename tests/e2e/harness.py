@@ -424,6 +424,45 @@ def base_config(directory, cert, key, users, holding, **gateway):
 HOLD_REPLY = (451, "4.3.0 Held by the test harness")
 
 
+class Lab:
+    """
+    A test DNS server, sinks and a gateway in root/gw; close() stops them all, whatever happened.
+    Subclasses make their first sinks in prepare().
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.sinks = []
+        self.gw = Gateway(os.path.join(root, "gw"))
+        self.spool = self.gw.path("spool")
+        self.dns = TestDNS()
+        self.dns.start_thread()
+        try:
+            self.prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def prepare(self):
+        pass
+
+    def sink(self, cls=sinks.Sink, **behaviour):
+        sink = cls(**behaviour)
+        sink.start()
+        self.sinks.append(sink)
+        return sink
+
+    def close(self):
+        try:
+            self.gw.cleanup()
+        finally:
+            try:
+                for sink in self.sinks:
+                    sink.stop()
+            finally:
+                self.dns.stop_thread()
+
+
 class Holding:
     """
     The gateway delivers what it accepts.  Tests about accepting (and crashing) want the mail to

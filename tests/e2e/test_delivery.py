@@ -27,7 +27,6 @@ import dns.exception
 import dns.resolver
 import pytest
 
-from tests.dnsserver import TestDNS
 from tests.e2e import harness as h
 from tests.sinks import Sink
 from tests.tlsutil import make_ca
@@ -40,39 +39,13 @@ WAIT = 15.0  # the longest any single wait may take before the test fails
 # --- the lab -------------------------------------------------------------------------------------
 
 
-class Lab:
-    """A test DNS server, sinks and a gateway; close() stops them all, whatever happened."""
+class Lab(h.Lab):
+    """The delivery tests' lab: a sink for the DSNs to SENDER, MX sinks on one port."""
 
-    def __init__(self, root):
-        self.root = root
-        self.sinks = []
-        self.gw = h.Gateway(os.path.join(root, "gw"))
-        self.spool = self.gw.path("spool")
-        self.dns = TestDNS()
-        self.dns.start_thread()
-        try:
-            self.dsn = self.sink()  # [route:senders]: where every DSN for SENDER goes
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        try:
-            self.gw.cleanup()
-        finally:
-            try:
-                for sink in self.sinks:
-                    sink.stop()
-            finally:
-                self.dns.stop_thread()
+    def prepare(self):
+        self.dsn = self.sink()  # [route:senders]: where every DSN for SENDER goes
 
     # -- sinks
-
-    def sink(self, cls=Sink, **behaviour):
-        sink = cls(**behaviour)
-        sink.start()
-        self.sinks.append(sink)
-        return sink
 
     def mx_sinks(self, behaviours):
         """

@@ -15,43 +15,18 @@ import signal
 
 import pytest
 
-from tests.dnsserver import TestDNS
 from tests.e2e import harness as h
-from tests.sinks import Sink
 
 SENDER = "sender@sender.example"
 WAIT = 15.0
 
 
-class Lab:
-    def __init__(self, root):
-        self.sinks = []
-        self.gw = h.Gateway(os.path.join(root, "gw"))
-        self.spool = self.gw.path("spool")
-        self.dns = TestDNS()
-        self.dns.start_thread()
-        try:
-            self.held = self.sink(rcpt_default=h.HOLD_REPLY)
-            self.dsn = self.sink()
-        except BaseException:
-            self.close()
-            raise
+class Lab(h.Lab):
+    """A sink holding mail with 451, one for DSNs."""
 
-    def sink(self, **behaviour):
-        sink = Sink(**behaviour)
-        sink.start()
-        self.sinks.append(sink)
-        return sink
-
-    def close(self):
-        try:
-            self.gw.cleanup()
-        finally:
-            try:
-                for sink in self.sinks:
-                    sink.stop()
-            finally:
-                self.dns.stop_thread()
+    def prepare(self):
+        self.held = self.sink(rcpt_default=h.HOLD_REPLY)
+        self.dsn = self.sink()
 
     def config(self, route_to, max_recipients=5, extra=None):
         """ini text: one relay listener, DSNs to self.dsn, everything else to route_to."""

@@ -216,9 +216,7 @@ class DeliveryService(service.Service):
 
     def wake(self, queue_id):
         """Run a delivery round for queue_id now (or right after the one in progress)."""
-        call = self._timers.pop(queue_id, None)
-        if call is not None and call.active():
-            call.cancel()
+        self._cancel_timer(queue_id)
         if queue_id in self._running:
             self._again.add(queue_id)
             return self._running[queue_id]
@@ -412,9 +410,7 @@ class DeliveryService(service.Service):
     def _schedule(self, queue_id, when):
         if not self.running:
             return
-        old = self._timers.pop(queue_id, None)
-        if old is not None and old.active():
-            old.cancel()
+        self._cancel_timer(queue_id)
         delay = max(0.0, when - self.clock.seconds())
         self._timers[queue_id] = self.clock.callLater(delay, self._due, queue_id)
 

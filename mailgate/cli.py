@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from mailgate.address import is_ip_address
+from mailgate.smtp.address import is_ip_address
 from mailgate.config import DEFAULT_CONFIG, load_config, render_config
 from mailgate.errors import ConfigError
 
@@ -216,7 +216,7 @@ def _diagnostic_setup(args):
     (config or None, CA file or None, timeout, EHLO name) for check-tls and diagnose; raises
     ConfigError or ValueError (one line for _fail).
     """
-    from mailgate import checktls  # only the diagnostic commands need it
+    from mailgate.ops import checktls  # only the diagnostic commands need it
 
     config = load_config(args.config) if args.config else None
     cafile = args.ca_file or (config.tls.ca_file if config is not None else None)
@@ -232,13 +232,13 @@ def _diagnostic_setup(args):
 
 def _lookups(config):
     """Blocking DNS for the diagnostic commands: [dns] nameservers only, when configured."""
-    from mailgate.diagnose import Lookups
+    from mailgate.ops.diagnose import Lookups
 
     return Lookups.from_config(config.dns if config is not None else None)
 
 
 def _print_findings(findings):
-    from mailgate.checktls import exit_status
+    from mailgate.ops.checktls import exit_status
 
     for finding in findings:
         _print(finding.line())
@@ -246,7 +246,7 @@ def _print_findings(findings):
 
 
 def _check_tls_command(args):
-    from mailgate import checktls
+    from mailgate.ops import checktls
 
     try:
         host, port = checktls.parse_target(args.target)
@@ -266,7 +266,7 @@ def _check_tls_command(args):
 
 
 def _diagnose_command(args):
-    from mailgate import diagnose
+    from mailgate.ops import diagnose
 
     try:
         domain = args.domain
@@ -291,7 +291,7 @@ def _diagnose_command(args):
 
 
 def _passwd(args):
-    from mailgate.auth import set_user  # only this subcommand needs it
+    from mailgate.smtp.auth import set_user  # only this subcommand needs it
 
     try:
         password = _read_password(args.user, args.password_stdin)
@@ -320,7 +320,7 @@ def _dns_name(what, text, underscore):
 
 
 def _dkim_keygen(args):
-    from mailgate import dkimsign  # only this subcommand needs it
+    from mailgate.delivery import dkimsign  # only this subcommand needs it
 
     try:
         domain = _dns_name("a domain like example.com", args.domain, False).lower()
@@ -346,7 +346,7 @@ def _dkim_keygen(args):
 
 
 def _trace(args):
-    from mailgate import trace  # only this subcommand needs it
+    from mailgate.ops import trace  # only this subcommand needs it
 
     try:
         return trace.run(args, _print)
@@ -368,13 +368,13 @@ def _config_option(command):
 
 
 def _queue(args):
-    from mailgate import admin  # only the queue and reload commands need it
+    from mailgate.ops import admin  # only the queue and reload commands need it
 
     return admin.cli_queue(args, _print, _fail)
 
 
 def _reload(args):
-    from mailgate import admin
+    from mailgate.ops import admin
 
     return admin.cli_reload(args, _print, _fail)
 

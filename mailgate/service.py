@@ -33,7 +33,7 @@ from mailgate import tls as mailtls
 from mailgate.errors import ConfigError
 from mailgate.events import EventBus
 from mailgate.queue import Spool, new_queue_id
-from mailgate.smtpd import Gate, SMTPFactory
+from mailgate.smtp.server import Gate, SMTPFactory
 
 log = Logger()
 
@@ -438,12 +438,12 @@ class _Builder:
                   for listener in config.listeners}
         signer = None
         if config.dkim.sign_domains:
-            from mailgate.dkimsign import DKIMSigner
+            from mailgate.delivery.dkimsign import DKIMSigner
 
             signer = DKIMSigner(config.dkim, self.run, config.path)
         deliverer = None
         if self.deliverer is None:
-            from mailgate.delivery import Deliverer
+            from mailgate.delivery.client import Deliverer
 
             deliverer = Deliverer(self.reactor, config.gateway.hostname, config.delivery, config.tls,
                                   events=self.events)
@@ -454,7 +454,7 @@ class _Builder:
             self.current_tls.options = parts.tls
 
     def router(self, parts):
-        from mailgate.routing import Router
+        from mailgate.delivery.routing import Router
 
         config = parts.config
         return Router(config.routes, parts.resolver, config.gateway.hostname, self.local_addresses,
@@ -469,7 +469,7 @@ class _Builder:
 
         resolver = make_resolver(config.dns, self.reactor)  # the one resolver: filters and delivery
         if self.metrics is not None:
-            from mailgate.metrics import InstrumentedResolver
+            from mailgate.ops.metrics import InstrumentedResolver
 
             resolver = InstrumentedResolver(resolver, self.metrics, self.reactor)
         return resolver
@@ -485,7 +485,7 @@ class _Builder:
             # The same file: the backend re-reads it whenever it changes, and keeps the last good
             # copy when a change breaks it.
             return previous.auth, path
-        from mailgate.auth import UsersFile
+        from mailgate.smtp.auth import UsersFile
 
         if previous is not None:
             _check_users_file(config)  # a new file must be good before sessions depend on it
@@ -500,7 +500,7 @@ def _check_unchanged(config, old):
 
 
 def _check_users_file(config):
-    from mailgate.auth import parse_users
+    from mailgate.smtp.auth import parse_users
 
     path = config.auth.users_file
     try:
@@ -549,8 +549,8 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     admin=False leaves out the admin channel ([admin] socket).
     Raises ConfigError for anything wrong that can be seen before starting.
     """
-    from mailgate.metrics import Metrics, MetricsService
-    from mailgate.scheduler import DeliveryService
+    from mailgate.ops.metrics import Metrics, MetricsService
+    from mailgate.delivery.scheduler import DeliveryService
 
     if threadpool is None and run_in_thread is None:
         threadpool = reactor.getThreadPool()
@@ -570,7 +570,7 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     gateway.events = events  # subscribe here for protocol and tracking events
     gateway._builder, gateway._parts = builder, parts
     if config.logging.dir:
-        from mailgate.logs import LogService
+        from mailgate.ops.logs import LogService
 
         # The first child: it starts before any session and stops (draining its queue) last.
         LogService(config.logging, reactor, events).setServiceParent(gateway)
@@ -579,7 +579,7 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
         gateway.factories.append(listener_service.smtp_factory)
         listener_service.setServiceParent(gateway)
     if admin:
-        from mailgate.admin import AdminService
+        from mailgate.ops.admin import AdminService
 
         gateway.admin = AdminService(config, reactor, gateway)
         gateway.admin.setServiceParent(gateway)

@@ -6,7 +6,7 @@ transaction (a dict cleared on RSET and after each message), e.g. the SPF result
 needs at end of data.
 """
 
-from mailgate import policy
+from mailgate.smtp import policy
 
 
 class Session:

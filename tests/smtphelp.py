@@ -1,5 +1,5 @@
 """
-Test doubles for driving mailgate.smtpd.SMTPServer in memory: a queue that can be told to fail
+Test doubles for driving mailgate.smtp.server.SMTPServer in memory: a queue that can be told to fail
 or to wait, an auth backend, a transport that records startTLS, and a session wrapper.
 """
 
@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from mailgate.config import GatewayConfig, Limits, ListenerConfig
 from mailgate.interfaces import IAuthBackend, IQueue
-from mailgate.smtpd import SMTPFactory
+from mailgate.smtp.server import SMTPFactory
 
 
 @implementer(IQueue)

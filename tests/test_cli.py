@@ -10,7 +10,7 @@ import pytest
 from mailgate import cli
 from mailgate.errors import ConfigError
 
-from .test_config import BROKEN, PLAIN, REPO
+from tests.config.test_config import BROKEN, PLAIN, REPO
 
 EXAMPLE = os.path.join(REPO, "etc", "mailgate.ini")
 
@@ -147,11 +147,11 @@ def test_help(capsys):
 
 @pytest.fixture
 def auth():
-    return pytest.importorskip("mailgate.auth")
+    return pytest.importorskip("mailgate.smtp.auth")
 
 
 def users_in(path):
-    from mailgate.auth import parse_users
+    from mailgate.smtp.auth import parse_users
 
     with open(path, encoding="utf-8") as f:
         return parse_users(f.read())

@@ -10,9 +10,9 @@ from twisted.internet import defer
 
 from mailgate import cli
 from mailgate.config import DKIMConfig
-from mailgate.dkimsign import DKIMSigner
+from mailgate.delivery.dkimsign import DKIMSigner
 
-from .test_cli import run, run_process
+from tests.test_cli import run, run_process
 
 MESSAGE = (
     b"From: Alice <alice@mail.example.com>\r\n"

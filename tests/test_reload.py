@@ -21,7 +21,7 @@ from mailgate.config import load_config
 from mailgate.envelope import Envelope
 from mailgate.errors import ConfigError
 
-from tests.test_scheduler import FakeDeliverer, sync
+from tests.delivery.test_scheduler import FakeDeliverer, sync
 from tests.tlsutil import make_ca
 
 HOSTNAME = "mx.example.net"
@@ -381,7 +381,7 @@ class ReloadTests(unittest.TestCase):
             f.write("not a users line\n")
         failure = self.failureResultOf(self.reload(text), ConfigError)
         self.assertEqual((failure.value.section, failure.value.key), ("auth", "users_file"))
-        from mailgate.auth import hash_password
+        from mailgate.smtp.auth import hash_password
 
         with open(os.path.join(self.root, "users"), "w") as f:
             f.write("alice:%s\n" % hash_password("secret"))

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from mailgate import Gateway
 from mailgate.config import AuthConfig, Config, DNSConfig, GatewayConfig, Limits, QueueConfig, TLSConfig
 from mailgate.errors import ConfigError
-from mailgate.smtpd import SMTPFactory
+from mailgate.smtp.server import SMTPFactory
 
 from tests.smtphelp import listener
 from tests.tlsutil import make_ca

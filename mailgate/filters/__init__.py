@@ -45,7 +45,7 @@ class FilterContext:
     Deferred firing with f(*args) run in the gateway's thread pool (for CPU-heavy or blocking
     work such as parsing a large message); events: the gateway's mailgate.events.EventBus, or None.
     When events is set, the chain emits one "verdict" event per verdict (see
-    mailgate.filters.chain), which mailgate.metrics counts.
+    mailgate.filters.chain), which mailgate.ops.metrics counts.
     """
 
     config = attr.ib()

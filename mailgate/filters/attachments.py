@@ -4,7 +4,7 @@ same policy applies to every listener that runs it, submission included (an infe
 machine sends too).
 
 make(context) builds the filter (name "attachments", hook on_data).  The message is walked by
-mailgate.mimewalk in context.run_in_thread; the verdict:
+mailgate.filters.mime.walker in context.run_in_thread; the verdict:
 
   * a blocked attachment and action = reject:
         550 5.7.1 Message rejected: attachment NAME is not allowed (REASON)
@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate import mimewalk
+from mailgate.filters.mime import walker as mimewalk
 from mailgate.interfaces import IFilter
 from mailgate.verdict import Verdict
 

@@ -1,6 +1,6 @@
 """
 The filter chain: runs a listener's filters at each SMTP stage and turns their verdicts into what
-the listener understands (its `hooks`, see mailgate.smtpd.SMTPFactory).
+the listener understands (its `hooks`, see mailgate.smtp.server.SMTPFactory).
 
 At each stage (connect, helo, mail, rcpt, data) the filters that have that hook run in order, one
 at a time, each hook answering with a mailgate.verdict.Verdict or a Deferred of one:
@@ -41,7 +41,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailgate import authresults
+from mailgate.filters import authresults
 from mailgate.envelope import Reply
 from mailgate.message import Message
 from mailgate.verdict import AuthResult, DataResult, Verdict

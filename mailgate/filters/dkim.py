@@ -1,7 +1,7 @@
 """
 The DKIM verification filter (RFC 6376, RFC 8463 ed25519-sha256, with dkimpy): at end of data it
 verifies every DKIM-Signature header field of the message, in the thread pool (dkimpy blocks),
-each key looked up through the gateway's resolver (mailgate.dnsbridge; never the system's).
+each key looked up through the gateway's resolver (mailgate.filters.dnsbridge; never the system's).
 
 It never rejects: DMARC decides what a failure means.  Each signature's outcome is kept in
 session.transaction["dkim"], a list (in header order) of dicts:
@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python import failure
 from zope.interface import implementer
 
-from mailgate.dnsbridge import bridge_from_context, context_value
+from mailgate.filters.dnsbridge import bridge_from_context, context_value
 from mailgate.interfaces import IFilter
 from mailgate.verdict import AuthResult, Verdict
 
@@ -104,7 +104,7 @@ def signature_info(value):
 @implementer(IFilter)
 class DKIMFilter:
     """
-    bridge: a mailgate.dnsbridge.DNSBridge; run_in_thread(f, *args) -> Deferred; timeout: seconds
+    bridge: a mailgate.filters.dnsbridge.DNSBridge; run_in_thread(f, *args) -> Deferred; timeout: seconds
     one key lookup may take; max_signatures: how many signatures are verified at most.
     """
 

@@ -51,7 +51,7 @@ from twisted.python import failure
 from zope.interface import implementer
 
 from mailgate import resolver as resolvers
-from mailgate.dnsbridge import context_value, normalize_domain
+from mailgate.filters.dnsbridge import context_value, normalize_domain
 from mailgate.interfaces import IFilter
 from mailgate.verdict import AuthResult, Verdict
 

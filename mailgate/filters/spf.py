@@ -4,7 +4,7 @@ The SPF filter (RFC 7208, with pyspf): is the client allowed to send for the env
 At MAIL FROM it checks the MAIL FROM identity for the client's IP address, or the HELO identity
 when MAIL FROM is the null sender <> (RFC 7208 2.4: then the identity is postmaster@HELO).  pyspf
 blocks, so the check runs in the thread pool; every DNS question goes to the gateway's resolver
-through mailgate.dnsbridge (never to the system resolver), with the RFC 7208 4.6.4 limits on: 10
+through mailgate.filters.dnsbridge (never to the system resolver), with the RFC 7208 4.6.4 limits on: 10
 DNS-querying terms, 2 void lookups, 20 s for the whole check.
 
 The outcome is kept for the other filters (DMARC needs it at end of data) as
@@ -35,7 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgate.dnsbridge import bridge_from_context, context_value, normalize_domain
+from mailgate.filters.dnsbridge import bridge_from_context, context_value, normalize_domain
 from mailgate.interfaces import IFilter
 from mailgate.resolver import ip_literal
 from mailgate.verdict import AuthResult, Verdict
@@ -69,7 +69,7 @@ def printable(text, limit=200):
 @implementer(IFilter)
 class SPFFilter:
     """
-    spf_config: mailgate.config.SPFConfig; bridge: a mailgate.dnsbridge.DNSBridge;
+    spf_config: mailgate.config.SPFConfig; bridge: a mailgate.filters.dnsbridge.DNSBridge;
     run_in_thread(f, *args) -> Deferred; hostname: ours (the %{r} macro of explanations).
     budget: seconds for one whole check (RFC 7208 4.6.4 asks for at least 20).
     """

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 
-from mailgate.auth import set_user
+from mailgate.smtp.auth import set_user
 from tests.e2e import harness as h
 from tests.tlsutil import make_ca
 

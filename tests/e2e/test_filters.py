@@ -27,7 +27,7 @@ import re
 import dkim
 import pytest
 
-from mailgate.auth import set_user
+from mailgate.smtp.auth import set_user
 from tests import attachment_corpus as corpus
 from tests.e2e import brokenfilter
 from tests.e2e import filterzones as z
@@ -280,7 +280,7 @@ def test_spf_authentication_results_format(default):
     queue_id = accepted(default, "sender@spf-pass.test", message_from("spf-pass.test", "format"))
     body = stored(default, queue_id).body
     field = re.search(rb"^Authentication-Results:.*?\r\n(?![ \t])", body, re.M | re.S).group(0)
-    # RFC 8601 as README / mailgate.authresults document it: authserv-id; then one result a line.
+    # RFC 8601 as README / mailgate.filters.authresults document it: authserv-id; then one result a line.
     assert field.startswith(b"Authentication-Results: mx.test.example;\r\n\tspf=pass "
                             b"smtp.mailfrom=spf-pass.test;\r\n\tdkim=none;\r\n\tdmarc=none "
                             b"header.from=spf-pass.test\r\n"), field

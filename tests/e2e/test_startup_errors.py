@@ -13,7 +13,7 @@ import ssl
 import pytest
 from cryptography import x509
 
-from mailgate.auth import set_user
+from mailgate.smtp.auth import set_user
 from tests.dnsserver import TestDNS
 from tests.e2e import harness as h
 from tests.tlsutil import make_ca

@@ -1,0 +1,1 @@
+"""Delivering: the scheduler, routing, the SMTP client, bounces and DKIM signing."""

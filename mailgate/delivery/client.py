@@ -1,0 +1,990 @@
+"""
+Outbound delivery: one attempt to hand a message to the next hops of its route, over SMTP.
+
+    deliverer = Deliverer(reactor, "mx.example.com", config.delivery, config.tls)
+    d = deliverer.deliver(route, hops, sender, recipients, data)
+    # -> Deferred firing with [RecipientResult, ...], one per recipient, in order; never errbacks
+
+Built on twisted.mail.smtp's ESMTPSender and ESMTPSenderFactory (DeliverySender and
+DeliveryFactory below), with the client-side weaknesses listed in ../shared/twisted-mail-notes.md
+fixed:
+
+C1/C2  DATA goes through DotStuffer: every line that starts with "." is stuffed, the "at start of
+       line" state and a trailing CR are carried across the 16 KiB chunks FileSender reads, and
+       only CRLF goes out (our spool is CRLF already; a stray bare CR or LF becomes CRLF, a CRLF
+       never becomes CR CR LF).
+C3     If any byte is buffered behind the 220 reply to STARTTLS, the hop fails (451 4.7.0 "STARTTLS
+       response injection"), the connection is aborted, the injected replies are never acted upon
+       and the hop is never retried in plaintext, whatever the policy.
+C4     retries=0 (the queue owns retries); connect_timeout, command_timeout per reply (on the
+       injected reactor) and data_timeout around the DATA transfer and its final reply.
+C5     Per-route TLS policy, see below; an opportunistic STARTTLS that fails its handshake is
+       retried at once in plaintext on a new connection (logged as a downgrade).
+
+TLS policy (RouteConfig.tls)
+  none           never STARTTLS.
+  opportunistic  STARTTLS when offered, certificate not verified; plaintext when not offered or
+                 when the server refuses STARTTLS (same connection); a failed handshake -> one new
+                 plaintext connection to the same hop at once (not when credentials would have to
+                 be sent: AUTH needs TLS anyway).
+  required       STARTTLS must succeed (certificate not verified); not offered or refused -> the
+                 hop fails temporarily (451 4.7.4) before MAIL; handshake failure -> 451 4.7.5.
+  verify         as required, and the chain is verified against tls_config.ca_file (the system's
+                 trust store when None) and the name against Hop.name with service_identity (an
+                 IP address must be an IP SAN); failure -> 451 4.7.5, reason logged.
+  Our certificate (tls_config.certificate / private_key, when set) is offered when a server asks.
+
+AUTH (route.username): PLAIN or LOGIN, whichever is offered (PLAIN preferred), and only inside TLS:
+without TLS the hop fails (451 4.7.10) before any credential is sent.  A refused login (535) is a
+temporary failure of the hop (451 4.7.8): an admin fixes credentials, mail must not bounce.
+
+Outcomes.  A reply of the remote is reported as it is (code, enhanced status split from the text,
+or derived from the code); a 5xx that we treat as temporary (greeting, EHLO, STARTTLS, AUTH) is
+reported as 451 with the status class changed to 4 and the remote's reply in the text.  Our own
+replies for trouble on our side of the wire:
+  451 4.4.1  connection refused / connect timeout / cannot connect (remote is None: no session)
+  451 4.4.2  timeout waiting for a reply, DATA not finished in data_timeout, connection lost
+  451 4.4.4  no hop to try, or a hop address that is not an IP literal (we never resolve names)
+  451 4.5.0  unexpected or malformed reply
+  451 4.7.0  STARTTLS response injection; AUTH required but not offered
+  451 4.7.4  TLS required (required/verify) but STARTTLS not offered or refused
+  451 4.7.5  TLS handshake or certificate verification failed
+  451 4.7.10 credentials configured but no TLS session: credentials not sent
+  451 4.3.5  our own TLS configuration cannot be loaded
+  553 5.1.7 / 5.1.3  sender / recipient address holding control characters (never sent)
+
+Hop order and failover: the next hop is tried (for the recipients still open) after a connection
+failure, a dropped connection or timeout, a TLS failure under required/verify, a 4xx (or a 5xx we
+treat as temporary) at greeting, EHLO, STARTTLS, AUTH, MAIL, DATA or after the final dot, and when
+no recipient was accepted and some got a 4xx (those fail over; the 5xx ones bounce).  A 4xx RCPT
+reply while others were accepted defers that recipient for this attempt (no failover).  5xx at
+MAIL or after the final dot bounces every open recipient.
+
+Protocol events (events, a mailgate.events.EventBus, given to Deliverer): every connection is a
+session (a fresh id) emitting "protocol" events with session, route, direction "out", local,
+remote (ip:port), event and data: "connect" (data: the hop and the TLS policy; message_id: the
+Message-ID of the message being delivered, when it has one, so mailgate.ops.trace can tell which
+message a session was for even when it failed before MAIL), "command" (each line we send),
+"reply" (each complete reply, its lines joined by "\n"), "tls" (version and cipher, once the
+handshake is done) and "disconnect" (data: why, when not a clean close).  Credentials never
+appear: AUTH's initial response and every SASL response are "****".  The message itself is never
+an event (DATA goes through the transport, not sendLine): only the DATA command and the replies.
+"""
+
+import io
+import re
+import secrets
+
+import attr
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import (
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+    Certificate,
+)
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail.interfaces import IClientAuthentication
+from twisted.python import failure
+from zope.interface import implementer
+
+from mailgate.smtp.address import is_ip_address
+from mailgate.envelope import RecipientResult
+from mailgate.events import message_id
+
+log = Logger(namespace="mailgate.delivery.client")
+
+POLICIES = ("none", "opportunistic", "required", "verify")
+# "plaintext" is internal: the immediate retry after an opportunistic handshake failure.
+_PLAINTEXT = "plaintext"
+
+_STATUS = re.compile(rb"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+|$)")
+_NEWLINE = re.compile(rb"\r\n|\r|\n")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REPLY_LINES = 100  # a longer reply is reported in several "reply" events
+_EVENT_LINE = 1000  # characters of one reply line kept in an event
+
+
+# --- replies -----------------------------------------------------------------------------------
+
+
+@attr.s(frozen=True, slots=True)
+class _Reason:
+    code = attr.ib()
+    status = attr.ib()
+    text = attr.ib()
+
+
+def default_status(code):
+    """The enhanced status to report when a reply carries none: 2.0.0, 4.0.0 or 5.0.0."""
+    return "%d.0.0" % (code // 100) if 200 <= code < 600 and code // 100 in (2, 4, 5) else ""
+
+
+def parse_reply(code, resp):
+    """
+    (code, status, text) from a reply's code and its text lines (bytes joined by "\\n", as
+    SMTPClient collects them).  The RFC 3463 status in front of the text is split off (from each
+    line that repeats it) when its class matches the code's; otherwise it is derived from the code.
+    """
+    if isinstance(resp, str):
+        resp = resp.encode("utf-8", "replace")
+    lines = (resp or b"").split(b"\n")
+    match = _STATUS.match(lines[0])
+    status = None
+    if match and int(match.group(1)) == code // 100:
+        status = b".".join(match.groups())
+        prefix = re.compile(re.escape(status) + rb"(?:[ \t]+|$)")
+        lines = [prefix.sub(b"", line, count=1) if prefix.match(line) else line for line in lines]
+    text = b"\n".join(lines).decode("utf-8", "replace")
+    return _Reason(code, status.decode("ascii") if status else default_status(code), text)
+
+
+def _temporary(reason, where):
+    """A remote reply as a temporary hop failure: 4xx as is, anything else as our 451."""
+    if 400 <= reason.code < 500:
+        return reason
+    said = " ".join(str(part) for part in (reason.code, reason.status, reason.text) if part)
+    if 500 <= reason.code < 600:
+        status = "4" + reason.status[1:] if reason.status else "4.0.0"
+        return _Reason(451, status, "%s said: %s (in reply to %s; treated as temporary)"
+                       % (where[0], said, where[1]))
+    text = "%s sent an unexpected reply to %s: %s" % (where[0], where[1], said)
+    return _Reason(451, "4.5.0", text)
+
+
+def _hostport(hop):
+    address = "[%s]" % hop.address if ":" in hop.address else hop.address
+    return "%s:%d" % (address, hop.port)
+
+
+def _label(hop):
+    """How a hop is named in our texts: 127.0.0.1:25, or mx.example.com (192.0.2.1:25)."""
+    if hop.name and hop.name != hop.address:
+        return "%s (%s)" % (hop.name, _hostport(hop))
+    return _hostport(hop)
+
+
+# --- DATA ----------------------------------------------------------------------------------------
+
+
+class DotStuffer:
+    """
+    The DATA transform, fed chunk by chunk (C1, C2): every line ending becomes CRLF (CR LF split
+    across two chunks stays one CRLF), every line starting with "." gets one more, including the
+    first line of the message and a line that starts exactly at a chunk boundary.  finish() gives
+    what ends the transfer: a CRLF if the message did not end with one, then ".CRLF".
+    """
+
+    def __init__(self):
+        self.at_line_start = True
+        self._held_cr = False
+
+    def feed(self, chunk):
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            # Might be the first half of a CRLF: decide with the next chunk.
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        out = _NEWLINE.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
+        if self.at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self.at_line_start = out.endswith(b"\r\n")
+        return out
+
+    def finish(self):
+        tail = b""
+        if self._held_cr:
+            tail, self._held_cr, self.at_line_start = b"\r\n", False, True
+        if not self.at_line_start:
+            tail += b"\r\n"
+        return tail + b".\r\n"
+
+
+def stuff(data):
+    """The whole of DATA for a message at once (the same transform, for tests and tools)."""
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.finish()
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """
+    Encrypt without verifying (opportunistic and required): CertificateOptions(verify=False) plus
+    SNI when the hop's name is a DNS name.
+    """
+
+    def __init__(self, options, hostname):
+        self._options = options
+        self._sni = None
+        if hostname and not is_ip_address(hostname):
+            try:
+                self._sni = hostname.encode("idna")
+            except UnicodeError:
+                self._sni = None
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+class _TLSConfigError(Exception):
+    pass
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+@implementer(IClientAuthentication)
+class _PLAIN:
+    """PLAIN with an empty authorization identity (RFC 4616), in one step."""
+
+    def __init__(self, user):
+        self.user = user
+
+    def getName(self):
+        return b"PLAIN"
+
+    def challengeResponse(self, secret, chal):
+        return b"\0" + self.user + b"\0" + secret
+
+
+@implementer(IHandshakeListener)
+class DeliverySender(smtp.ESMTPSender):
+    """
+    ESMTPSender with mailgate's policy: one transaction, decided once; the decision (per-recipient
+    RecipientResults, final or to be retried at the next hop) is kept on the factory, which hands
+    it to the Deliverer when the connection is gone.
+    """
+
+    # No transcript: it would hold the AUTH exchange (credentials) and it is never shown anyway.
+    debug = False
+
+    def _registerAuthenticators(self):
+        # Only inside TLS (see authenticate), so the simple mechanisms; PLAIN first (one round).
+        self.registerAuthenticator(_PLAIN(self.username))
+        self.registerAuthenticator(smtp.LOGINAuthenticator(self.username))
+
+    # -- set-up and bookkeeping
+
+    def connectionMade(self):
+        self._session = secrets.token_hex(6)
+        self._replyLines = []
+        self._sasl = False  # an AUTH exchange is in progress: what we send are credentials
+        self._quitState = None  # "sent", then "answered": the close that follows is the normal end
+        if self.factory.events is not None:
+            local, peer = self.transport.getHost(), self.transport.getPeer()
+            self._local = "%s:%s" % (getattr(local, "host", ""), getattr(local, "port", ""))
+            self._remote = "%s:%s" % (getattr(peer, "host", ""), getattr(peer, "port", ""))
+            self._event("connect", "%s tls=%s" % (_label(self.hop), self.factory.policy),
+                        message_id=self.factory.message_id)
+        self.phase = "the greeting"
+        self.decided = False
+        self.tls_version = None
+        self._tlsStarted = False
+        self._handshakeDone = False
+        self._dataTimer = None
+        self._ehloItems = {}
+        self._stuffer = DotStuffer()
+        smtp.ESMTPSender.connectionMade(self)
+
+    @property
+    def hop(self):
+        return self.factory.hop
+
+    def _where(self):
+        return (_label(self.hop), self.phase)
+
+    def _result(self, recipient, outcome, reason):
+        return RecipientResult(
+            recipient, outcome, reason.code, reason.status, reason.text,
+            remote=self.hop, tls=self.tls_version, session=self._session,
+        )
+
+    def _decide(self, final=None, retry=None, tls_failed=False):
+        """Record the outcome of this connection (once)."""
+        if self.decided:
+            return
+        self.decided = True
+        self._cancelDataTimer()
+        self.factory.outcome = _Outcome(dict(final or {}), dict(retry or {}), tls_failed)
+
+    def _hopFailed(self, reason, tls_failed=False):
+        """Decide: every recipient to be retried at the next hop, with reason."""
+        if self.decided:
+            return
+        log.info(
+            "Delivery to {hop_label} failed at {phase}: {code} {status} {text}",
+            hop_label=_label(self.hop), phase=self.phase, code=reason.code,
+            status=reason.status, text=reason.text,
+        )
+        retry = {r: self._result(r, "deferred", reason) for r in self.factory.recipients}
+        self._decide(retry=retry, tls_failed=tls_failed)
+
+    def _failHop(self, reason, abort=False, tls_failed=False):
+        """The hop failed (for now): decide so, then QUIT (abort when the dialogue is broken)."""
+        self._hopFailed(reason, tls_failed)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self._quit()
+
+    def _quit(self):
+        self.phase = "QUIT"
+        self._disconnectFromServer()
+
+    # -- protocol events (nothing here changes what is sent or how replies are handled)
+
+    def _event(self, event, data="", **extra):
+        self.factory.events.emit(
+            "protocol", session=self._session, route=self.factory.route.name, direction="out",
+            local=self._local, remote=self._remote, event=event, data=data, **extra)
+
+    def sendLine(self, line):
+        if self.factory.events is not None:
+            self._event("command", self._masked(line))
+            if line == b"QUIT":
+                self._quitState = "sent"
+        smtp.ESMTPSender.sendLine(self, line)
+
+    def _masked(self, line):
+        if self._sasl:
+            return "****"  # a SASL response (or "*"): credentials
+        text = line.decode("utf-8", "replace")
+        if text[:5].upper() == "AUTH ":
+            self._sasl = True
+            words = text.split(" ")
+            return " ".join(words[:2] + ["****"] * (len(words) > 2))
+        return text
+
+    def lineReceived(self, line):
+        if self.factory.events is not None:
+            self._replyLines.append(line[:_EVENT_LINE].decode("utf-8", "replace"))
+            if line[3:4] != b"-" or len(self._replyLines) >= _REPLY_LINES:
+                self._reportReply()
+        return smtp.ESMTPSender.lineReceived(self, line)
+
+    def _reportReply(self):
+        lines, self._replyLines = self._replyLines, []
+        if lines:
+            if self._sasl and not lines[-1].startswith("334"):
+                self._sasl = False
+            if self._quitState == "sent":
+                self._quitState = "answered"
+            self._event("reply", "\n".join(lines))
+
+    def connectionLost(self, reason=connectionDone):
+        if self.factory.events is not None:
+            self._reportReply()  # a reply cut short
+            # After our QUIT was answered, any close is the normal end (many servers close TLS
+            # without close_notify); before it, say why the connection went.
+            clean = (reason is None or reason.check(error.ConnectionDone)
+                     or self._quitState == "answered")
+            self._event("disconnect", "" if clean else _describe(reason))
+        smtp.ESMTPSender.connectionLost(self, reason)
+        self._cancelDataTimer()
+        if self.decided:
+            return
+        if self._tlsStarted and not self._handshakeDone:
+            text = "TLS handshake with %s failed: %s" % (_label(self.hop), _describe(reason))
+            log.warn(
+                "TLS with {hop_label} failed (tls = {policy}): {reason}",
+                hop_label=_label(self.hop), policy=self.factory.policy, reason=_describe(reason),
+            )
+            self._hopFailed(_Reason(451, "4.7.5", text), tls_failed=True)
+        else:
+            if reason.check(error.ConnectionDone):
+                text = "%s closed the connection during %s" % (_label(self.hop), self.phase)
+            else:
+                text = "lost connection with %s during %s: %s" % (
+                    _label(self.hop), self.phase, _describe(reason))
+            self._hopFailed(_Reason(451, "4.4.2", text))
+
+    # -- timeouts (C4)
+
+    def timeoutConnection(self):
+        if not self.decided and self._tlsStarted and not self._handshakeDone:
+            text = "TLS handshake with %s timed out after %gs" % (_label(self.hop), self.timeout)
+            log.warn("TLS with {hop_label} failed (tls = {policy}): {reason}",
+                     hop_label=_label(self.hop), policy=self.factory.policy, reason=text)
+            self._failHop(_Reason(451, "4.7.5", text), abort=True, tls_failed=True)
+        elif not self.decided:
+            reason = _Reason(451, "4.4.2", "timeout after %gs waiting for %s's reply to %s"
+                             % (self.timeout, _label(self.hop), self.phase))
+            self._failHop(reason, abort=True)
+        else:
+            self.transport.abortConnection()
+
+    def _dataTimedOut(self):
+        self._dataTimer = None
+        reason = _Reason(451, "4.4.2", "DATA to %s not finished within %gs"
+                         % (_label(self.hop), self.factory.data_timeout))
+        self._failHop(reason, abort=True)
+
+    def _cancelDataTimer(self):
+        if self._dataTimer is not None and self._dataTimer.active():
+            self._dataTimer.cancel()
+        self._dataTimer = None
+
+    def sendError(self, exc):
+        """Every error path of SMTPClient/ESMTPClient: a temporary failure of the hop."""
+        if self.decided:
+            self.transport.abortConnection()
+            return
+        if isinstance(exc, smtp.SMTPProtocolError):
+            self._failHop(_Reason(451, "4.5.0", "%s sent a malformed reply during %s"
+                                  % (_label(self.hop), self.phase)), abort=True)
+        elif isinstance(exc, smtp.SMTPClientError) and exc.code > 0:
+            self._failHop(_temporary(parse_reply(exc.code, exc.resp), self._where()))
+        else:
+            self._failHop(_Reason(451, "4.4.2", "%s failed during %s: %s"
+                                  % (_label(self.hop), self.phase, exc)), abort=True)
+
+    # -- greeting and EHLO
+
+    def smtpConnectionFailed(self, code, resp):
+        self._failHop(_temporary(parse_reply(code, resp), self._where()))
+
+    def esmtpState_ehlo(self, code, resp):
+        if self._tlsStarted:
+            # Sent at once, written by the TLS layer when its handshake is done.
+            self.phase = "EHLO after STARTTLS" if self._handshakeDone else "the TLS handshake"
+        else:
+            self.phase = "EHLO"
+        smtp.ESMTPSender.esmtpState_ehlo(self, code, resp)
+        self._failresponse = self._ehloFailed
+
+    def _ehloFailed(self, code, resp):
+        fallback = not self.factory.username and (
+            self._handshakeDone or self.factory.policy in ("none", "opportunistic", _PLAINTEXT))
+        if 500 <= code < 600 and fallback:
+            # An old server: HELO, then straight to MAIL (no STARTTLS, no AUTH without EHLO).
+            self.phase = "HELO"
+            self.smtpState_helo(code, resp)
+            self._failresponse = self._heloFailed
+        else:
+            self._failHop(_temporary(parse_reply(code, resp), self._where()))
+
+    def _heloFailed(self, code, resp):
+        self._failHop(_temporary(parse_reply(code, resp), self._where()))
+
+    def esmtpState_serverConfig(self, code, resp):
+        items = {}
+        for line in resp.splitlines():
+            words = line.split(None, 1)
+            if words:
+                items[words[0].upper()] = words[1] if len(words) > 1 else None
+        self._ehloItems = items
+        self.tryTLS(code, resp, items)
+
+    # -- STARTTLS (C3, C5)
+
+    def tryTLS(self, code, resp, items):
+        policy = self.factory.policy
+        if self._tlsStarted or policy in ("none", _PLAINTEXT):
+            return self.authenticate(code, resp, items)
+        if b"STARTTLS" in items and self.context is not None:
+            self.phase = "STARTTLS"
+            self._expected = [220]
+            self._okresponse = self.esmtpState_starttls
+            self._failresponse = self._starttlsRefused
+            self.sendLine(b"STARTTLS")
+        elif policy == "opportunistic":
+            self.authenticate(code, resp, items)
+        else:
+            text = "TLS is required (tls = %s), but %s does not offer STARTTLS" % (
+                policy, _label(self.hop))
+            log.warn("{text}", text=text, hop_label=_label(self.hop), policy=policy)
+            self._failHop(_Reason(451, "4.7.4", text))
+
+    def _starttlsRefused(self, code, resp):
+        reason = parse_reply(code, resp)
+        if self.factory.policy == "opportunistic":
+            log.warn(
+                "TLS downgrade: {hop_label} refused STARTTLS ({code} {text}); continuing in"
+                " plaintext (tls = opportunistic)",
+                hop_label=_label(self.hop), hop_name=self.hop.name, address=self.hop.address,
+                port=self.hop.port, code=code, text=reason.text, event="tls_downgrade",
+            )
+            return self.authenticate(code, resp, self._ehloItems)
+        said = " ".join(str(p) for p in (reason.code, reason.status, reason.text) if p)
+        text = "TLS is required (tls = %s), but %s refused STARTTLS: %s" % (
+            self.factory.policy, _label(self.hop), said)
+        log.warn("{text}", text=text, hop_label=_label(self.hop), policy=self.factory.policy)
+        self._failHop(_Reason(451, "4.7.4", text))
+
+    def esmtpState_starttls(self, code, resp):
+        if self._buffer:
+            # C3: bytes sent together with the 220 would be taken as replies inside TLS.
+            injected = len(self._buffer)
+            self._buffer = b""
+            text = "STARTTLS response injection: %s sent %d bytes after its 220 reply" % (
+                _label(self.hop), injected)
+            log.warn("{text}", text=text, hop_label=_label(self.hop), injected=injected)
+            self._failHop(_Reason(451, "4.7.0", text), abort=True)
+            return
+        self._tlsStarted = True
+        self.phase = "the TLS handshake"
+        try:
+            self.transport.startTLS(self.context)
+        except Exception:
+            log.failure("Cannot start TLS with {hop_label}", hop_label=_label(self.hop))
+            return self.esmtpTLSFailed()
+        self._tlsMode = True
+        # RFC 3207: forget what the server said before TLS, ask again.
+        self.esmtpState_ehlo(code, resp)
+
+    def esmtpTLSFailed(self, code=-1, resp=None):
+        # startTLS raised (esmtpState_starttls): same as a failed handshake.
+        self._failHop(_Reason(451, "4.7.5", "cannot start TLS with %s" % _label(self.hop)),
+                      abort=True, tls_failed=True)
+
+    def handshakeCompleted(self):
+        self._handshakeDone = True
+        cipher = None
+        try:
+            self.tls_version = self.transport.getHandle().get_protocol_version_name()
+            cipher = self.transport.getHandle().get_cipher_name()
+        except Exception:
+            self.tls_version = "TLS"
+        self.phase = "EHLO after STARTTLS"
+        if self.factory.events is not None:
+            self._event("tls", "%s %s" % (self.tls_version, cipher))
+
+    # -- AUTH
+
+    def authenticate(self, code, resp, items):
+        if not self.factory.username:
+            return self.smtpState_from(code, resp)
+        self.phase = "AUTH"
+        if not self._handshakeDone:
+            text = "not sending credentials to %s without TLS (tls = %s)" % (
+                _label(self.hop), self.factory.policy)
+            log.warn("{text}", text=text, hop_label=_label(self.hop), policy=self.factory.policy)
+            return self._failHop(_Reason(451, "4.7.10", text))
+        offered = (items.get(b"AUTH") or b"").upper().split()
+        if not any(a.getName() in offered for a in self.authenticators):
+            text = "authentication is configured, but %s offers neither AUTH PLAIN nor LOGIN" % (
+                _label(self.hop),)
+            log.warn("{text}", text=text, hop_label=_label(self.hop))
+            return self._failHop(_Reason(451, "4.7.0", text))
+        smtp.ESMTPSender.authenticate(self, code, resp, items)
+
+    def _esmtpState_plainAuth(self, code, resp):
+        # Stock: try PLAIN again with other framing, i.e. send the password twice.  No.
+        self.esmtpAUTHDeclined(code, resp)
+
+    def esmtpAUTHDeclined(self, code=-1, resp=None):
+        reason = parse_reply(code, resp)
+        log.warn(
+            "Authentication as {username} to {hop_label} failed: {code} {status} {text}",
+            username=self.factory.route.username, hop_label=_label(self.hop), code=reason.code,
+            status=reason.status, text=reason.text,
+        )
+        self._failHop(_temporary(reason, self._where()))
+
+    esmtpAUTHServerError = esmtpAUTHDeclined
+
+    def esmtpAUTHMalformedChallenge(self, code=-1, resp=None):
+        self._failHop(_Reason(451, "4.5.0", "%s sent a malformed AUTH challenge"
+                              % _label(self.hop)))
+
+    # -- the transaction
+
+    def smtpState_from(self, code, resp):
+        if self.decided:
+            return self._quit()
+        self.phase = "MAIL"
+        self._from = self.factory.sender
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_to
+        self._failresponse = self._mailFailed
+        self.sendLine(b"MAIL FROM:<" + self._from + b">")
+
+    def _mailFailed(self, code, resp):
+        reason = parse_reply(code, resp)
+        if 500 <= code < 600:
+            self._decide(final={r: self._result(r, "bounced", reason)
+                                for r in self.factory.recipients})
+            self._quit()
+        else:
+            self._failHop(_temporary(reason, self._where()))
+
+    def smtpState_to(self, code, resp):
+        self.phase = "RCPT"
+        smtp.ESMTPSender.smtpState_to(self, code, resp)
+        self._failresponse = self.smtpTransferFailed
+
+    def smtpState_toOrData(self, code, resp):
+        # As SMTPClient's, with our own address formatting (no smtp.Address/quoteaddr parsing).
+        if code == 421 and self.lastAddress is not None:
+            return self._failHop(parse_reply(code, resp))
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.phase = "DATA"
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+            else:
+                return self.smtpState_msgSent(code, b"No recipients accepted")
+        else:
+            self.sendLine(b"RCPT TO:<" + self.lastAddress + b">")
+
+    def smtpState_data(self, code, resp):
+        self.phase = "end of DATA"
+        self._dataTimer = self.factory.reactor.callLater(
+            self.factory.data_timeout, self._dataTimedOut)
+        smtp.ESMTPSender.smtpState_data(self, code, resp)
+
+    def transformChunk(self, chunk):
+        self.resetTimeout()
+        return self._stuffer.feed(chunk)
+
+    def finishedFileTransfer(self, lastsent):
+        self.transport.write(self._stuffer.finish())
+
+    def smtpState_msgSent(self, code, resp):
+        self._cancelDataTimer()
+        if self._from is not None and not self.decided:
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
+        self._from = None
+        self._quit()  # one message per connection: no RSET
+
+    def sentMail(self, code, resp, numOk, addresses, log):
+        """
+        Combine the RCPT replies ((address, code, resp) in the order sent) with the reply to DATA
+        or to the final dot (or, when nobody was accepted, nothing).
+        """
+        final, retry, accepted = {}, {}, []
+        rcpt_temporary = {}
+        for recipient, (_, rcode, rresp) in zip(self.factory.recipients, addresses):
+            reason = parse_reply(rcode, rresp)
+            if rcode in smtp.SUCCESS:
+                accepted.append(recipient)
+            elif 500 <= rcode < 600:
+                final[recipient] = self._result(recipient, "bounced", reason)
+            else:
+                rcpt_temporary[recipient] = self._result(recipient, "deferred", reason)
+        if not accepted:
+            retry.update(rcpt_temporary)  # nobody accepted here: the next hop may
+        else:
+            final.update(rcpt_temporary)
+            reason = parse_reply(code, resp)
+            if code in smtp.SUCCESS:
+                outcome = "delivered"
+            elif 500 <= code < 600:
+                outcome = "bounced"
+            else:
+                outcome = None
+                reason = _temporary(reason, self._where())
+            for recipient in accepted:
+                if outcome:
+                    final[recipient] = self._result(recipient, outcome, reason)
+                else:
+                    retry[recipient] = self._result(recipient, "deferred", reason)
+        self._decide(final=final, retry=retry)
+
+    # -- data source: ours, not SenderMixin's
+
+    def getMailFrom(self):
+        return self.factory.sender
+
+    def getMailTo(self):
+        return self.factory.wire_recipients
+
+    def getMailData(self):
+        return self.factory.file
+
+
+def _describe(reason):
+    value = reason.value if isinstance(reason, failure.Failure) else reason
+    text = str(value) or value.__class__.__name__
+    return text.replace("\n", " ")
+
+
+@attr.s(frozen=True, slots=True)
+class _Outcome:
+    """What one connection decided: final results, results to retry at the next hop."""
+
+    final = attr.ib()
+    retry = attr.ib()
+    tls_failed = attr.ib(default=False)
+
+
+class DeliveryFactory(smtp.ESMTPSenderFactory):
+    """
+    ESMTPSenderFactory for one connection of one attempt: retries=0, our timeouts and reactor;
+    self.result fires (never errbacks) with an _Outcome once the connection is gone.
+    """
+
+    protocol = DeliverySender
+    noisy = False
+    events = None  # the Deliverer's EventBus, or None: no protocol events
+    message_id = None  # of the message being delivered (for the "connect" event)
+
+    def __init__(self, reactor, hostname, hop, policy, route, sender, recipients, data,
+                 context, delivery_config):
+        username = route.username.encode("utf-8") if route.username else None
+        password = (route.password or "").encode("utf-8") if route.username else None
+        wire = [r.encode("utf-8") for r in recipients]
+        smtp.ESMTPSenderFactory.__init__(
+            self, username, password,
+            # smtp.Address rejects address literals and UTF-8: the reverse-path is sent from
+            # self.sender by DeliverySender.smtpState_from, so it is not parsed here.
+            "", wire, io.BytesIO(data), defer.Deferred(),
+            retries=0, timeout=delivery_config.command_timeout, contextFactory=context,
+            heloFallback=False, requireAuthentication=bool(username),
+            requireTransportSecurity=policy in ("required", "verify"), hostname=None,
+        )
+        self.domain = hostname
+        self.reactor = reactor
+        self.hop = hop
+        self.policy = policy
+        self.route = route
+        self.username = username
+        self.sender = sender.encode("utf-8")
+        self.recipients = list(recipients)
+        self.wire_recipients = wire
+        self.data_timeout = delivery_config.data_timeout
+        self.connect_timeout = delivery_config.connect_timeout
+        self.outcome = None
+
+    def buildProtocol(self, addr):
+        p = smtp.ESMTPSenderFactory.buildProtocol(self, addr)
+        p.callLater = self.reactor.callLater  # TimeoutMixin on the injected reactor
+        return p
+
+    def clientConnectionFailed(self, connector, reason):
+        if reason.check(error.ConnectionRefusedError):
+            text = "connection refused by %s" % _label(self.hop)
+        elif reason.check(error.TimeoutError):
+            text = "connection to %s timed out after %gs" % (
+                _label(self.hop), self.connect_timeout)
+        else:
+            text = "cannot connect to %s: %s" % (_label(self.hop), _describe(reason))
+        log.info("Delivery: {text}", text=text, hop_label=_label(self.hop))
+        self._finish(_hop_failure(self.recipients, _Reason(451, "4.4.1", text)))
+
+    def clientConnectionLost(self, connector, reason):
+        outcome = self.outcome
+        if outcome is None:  # the protocol always decides; belt and braces
+            text = "lost connection with %s: %s" % (_label(self.hop), _describe(reason))
+            outcome = _hop_failure(self.recipients, _Reason(451, "4.4.2", text), self.hop)
+        self._finish(outcome)
+
+    def _finish(self, outcome):
+        if not self.sendFinished:
+            self.sendFinished = True
+            self.result.callback(outcome)
+
+
+def _hop_failure(recipients, reason, remote=None):
+    retry = {
+        r: RecipientResult(r, "deferred", reason.code, reason.status, reason.text, remote=remote)
+        for r in recipients
+    }
+    return _Outcome({}, retry)
+
+
+# --- the deliverer -------------------------------------------------------------------------------
+
+
+class Deliverer:
+    """
+    One delivery attempt at a time per call, on the given reactor (connectTCP, callLater).
+    hostname is what we say in EHLO; delivery_config gives the timeouts, tls_config our
+    certificate (offered when asked) and the trust store for tls = verify; every SMTP session
+    emits protocol events on events (see the module docstring) when it is given.
+    """
+
+    def __init__(self, reactor, hostname, delivery_config, tls_config, events=None):
+        self.reactor = reactor
+        self.events = events  # a mailgate.events.EventBus for protocol events, or None
+        self.hostname = hostname
+        self.config = delivery_config
+        self.tls_config = tls_config
+        self._unverified = None
+        self._trust = None
+        self._client_cert = None
+
+    def deliver(self, route, hops, sender, recipients, data):
+        """
+        Try hops in order for the recipients; -> Deferred[list[RecipientResult]], one per
+        recipient in order.  Never errbacks.
+        """
+        recipients = list(recipients)
+        d = defer.maybeDeferred(self._deliver, route, list(hops), sender, recipients, data)
+
+        def internal_error(f):
+            log.failure("Delivery attempt failed unexpectedly", f)
+            reason = _Reason(451, "4.3.0", "internal error during delivery: %s" % _describe(f))
+            return [RecipientResult(r, "deferred", reason.code, reason.status, reason.text)
+                    for r in recipients]
+
+        return d.addErrback(internal_error)
+
+    @defer.inlineCallbacks
+    def _deliver(self, route, hops, sender, recipients, data):
+        unique = list(dict.fromkeys(recipients))
+        results = {}
+        if _CONTROL.search(sender):
+            reason = _Reason(553, "5.1.7", "invalid sender address (control characters)")
+            return [_own(r, "bounced", reason) for r in recipients]
+        for r in unique:
+            if _CONTROL.search(r) or not r:
+                results[r] = _own(r, "bounced", _Reason(
+                    553, "5.1.3", "invalid recipient address (empty or control characters)"))
+        policy = route.tls if route.tls in POLICIES else None
+        pending = {
+            r: _own(r, "deferred", _Reason(451, "4.4.4", "no hop to deliver to"))
+            for r in unique if r not in results
+        }
+        for hop in hops:
+            if not pending:
+                break
+            outcome = yield self._attempt(route, hop, policy, sender, list(pending), data)
+            if outcome.tls_failed and policy == "opportunistic":
+                if route.username:
+                    log.warn(
+                        "Not retrying {hop_label} in plaintext after the TLS failure: the route"
+                        " authenticates, and credentials are only sent over TLS",
+                        hop_label=_label(hop),
+                    )
+                else:
+                    log.warn(
+                        "TLS downgrade: STARTTLS with {hop_label} failed ({reason});"
+                        " retrying in plaintext at once (tls = opportunistic)",
+                        hop_label=_label(hop), hop_name=hop.name, address=hop.address,
+                        port=hop.port, reason=_first(outcome).text, event="tls_downgrade",
+                    )
+                    outcome = yield self._attempt(
+                        route, hop, _PLAINTEXT, sender, list(pending), data)
+            for r, result in outcome.final.items():
+                results[r] = result
+                pending.pop(r, None)
+            pending.update(outcome.retry)
+        results.update(pending)
+        return [results[r] for r in recipients]
+
+    def _attempt(self, route, hop, policy, sender, recipients, data):
+        """One connection to hop -> Deferred[_Outcome]."""
+        if policy is None:
+            reason = _Reason(451, "4.3.5", "unknown tls policy %r for route %s"
+                             % (route.tls, route.name))
+            return defer.succeed(_hop_failure(recipients, reason))
+        if not is_ip_address(hop.address):
+            reason = _Reason(451, "4.4.4", "hop %s: %r is not an IP address (not resolved here)"
+                             % (hop.name, hop.address))
+            return defer.succeed(_hop_failure(recipients, reason))
+        try:
+            context = self._context(policy, hop)
+        except _TLSConfigError as e:
+            log.error("Cannot set up TLS for {hop_label}: {error}", hop_label=_label(hop),
+                      error=str(e))
+            reason = _Reason(451, "4.3.5", "local TLS configuration error: %s" % (e,))
+            return defer.succeed(_hop_failure(recipients, reason))
+        factory = DeliveryFactory(
+            self.reactor, self.hostname, hop, policy, route, sender, recipients, data, context,
+            self.config,
+        )
+        if self.events is not None:
+            factory.events = self.events
+            factory.message_id = message_id(data)
+        d = factory.result
+        self.reactor.connectTCP(hop.address, hop.port, factory,
+                                timeout=self.config.connect_timeout)
+        return d
+
+    # -- TLS contexts
+
+    def _context(self, policy, hop):
+        if policy in ("none", _PLAINTEXT):
+            return None
+        if policy in ("opportunistic", "required"):
+            if self._unverified is None:
+                options = CertificateOptions(verify=False, **self._client_certificate())
+                self._unverified = options
+            return _UnverifiedClientTLS(self._unverified, hop.name)
+        name = (hop.name or hop.address).rstrip(".")
+        return optionsForClientTLS(
+            name, trustRoot=self._trust_root(),
+            extraCertificateOptions=self._client_certificate(),
+        )
+
+    def _trust_root(self):
+        if self._trust is None:
+            ca_file = self.tls_config.ca_file if self.tls_config else None
+            if not ca_file:
+                self._trust = platformTrust()
+            else:
+                from cryptography import x509
+                from cryptography.hazmat.primitives import serialization
+
+                try:
+                    with open(ca_file, "rb") as f:
+                        certs = x509.load_pem_x509_certificates(f.read())
+                except (OSError, ValueError) as e:
+                    raise _TLSConfigError("cannot load ca_file %s: %s" % (ca_file, e))
+                self._trust = trustRootFromCertificates([
+                    Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+                    for c in certs
+                ])
+        return self._trust
+
+    def _client_certificate(self):
+        """CertificateOptions arguments offering our certificate, when one is configured."""
+        if self._client_cert is None:
+            config = self.tls_config
+            if not config or not config.certificate or not config.private_key:
+                self._client_cert = {}
+            else:
+                from mailgate import tls
+                from mailgate.errors import ConfigError
+
+                try:
+                    chain, key = tls.load_chain(config), tls.load_key(config)
+                except ConfigError as e:
+                    raise _TLSConfigError(str(e))
+                kwargs = dict(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
+                try:
+                    CertificateOptions(**kwargs).getContext()
+                except TypeError:  # pyOpenSSL older than 24.3 wants its own types
+                    from OpenSSL import crypto
+
+                    kwargs = dict(
+                        privateKey=crypto.PKey.from_cryptography_key(key),
+                        certificate=crypto.X509.from_cryptography(chain[0]),
+                        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+                    )
+                except Exception as e:
+                    raise _TLSConfigError("cannot use our certificate: %s" % (e,))
+                self._client_cert = kwargs
+        return dict(self._client_cert)
+
+
+def _own(recipient, outcome, reason):
+    return RecipientResult(recipient, outcome, reason.code, reason.status, reason.text)
+
+
+def _first(outcome):
+    for result in list(outcome.retry.values()) + list(outcome.final.values()):
+        return result
+    return _Reason(451, "4.7.5", "TLS failure")

@@ -1,0 +1,588 @@
+"""
+The outbound side: decides what is due, groups recipients by next hop, and records every outcome.
+
+Postfix's qmgr in one Twisted service.  A message is picked up as soon as the queue commits it
+(queue.subscribe), or when its retry time comes (a timer on the injected clock), or by the slow
+sweep that is only a backstop.  Each recipient's outcome is saved in the queue's state for the
+message before anything acts on it, so after a crash only recipients that were in flight may be
+sent again, and a delivered recipient never is.  Bounces (RFC 3464 DSNs) go back through the same
+queue with the null sender.
+
+The administrator's queue operations (flush, hold, release, delete, bounce) are methods here, so
+that they agree with the rounds and timers: an operation on a message withdraws it first (its
+timer is cancelled and a round in progress for it will neither move it back to deferred/ nor
+schedule it again), then acts on the queue.  reconfigure() swaps in new routes and settings on a
+reload; rounds in progress finish with what they started with.
+"""
+
+import json
+
+import attr
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from mailgate.delivery import bounce
+from mailgate.envelope import Envelope, RecipientResult
+from mailgate.errors import RoutingError
+from mailgate.events import message_id
+
+log = Logger()
+
+SWEEP_INTERVAL = 300.0  # seconds between backstop scans of the queue
+DELIVERABLE = ("active", "deferred")
+ADMIN_BOUNCE = (550, "5.0.0", "Delivery cancelled by the administrator")
+
+
+class QueueCommandError(Exception):
+    """An operation the queue cannot do as asked (str: one line for the administrator)."""
+
+
+class _Slots:
+    """A semaphore whose limit can change while it is in use (a reload changes concurrency)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.waiting = []
+
+    def acquire(self):
+        d = defer.Deferred()
+        if self.used < self.limit and not self.waiting:
+            self.used += 1
+            d.callback(self)
+        else:
+            self.waiting.append(d)
+        return d
+
+    def release(self):
+        self.used -= 1
+        self._drain()
+
+    def resize(self, limit):
+        self.limit = limit  # lower than used: the extra holders finish, nobody new starts
+        self._drain()
+
+    def _drain(self):
+        while self.waiting and self.used < self.limit:
+            self.used += 1
+            self.waiting.pop(0).callback(self)
+
+
+def retry_delay(schedule, attempts):
+    """Seconds to wait after the attempts-th failed round: the schedule, its last step repeating."""
+    return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def _domain(recipient):
+    return recipient.rsplit("@", 1)[-1].lower()
+
+
+@attr.s
+class MessageState:
+    """What the queue's state file holds for one message (JSON)."""
+
+    recipients = attr.ib()  # {address: {"outcome", "code", "status", "text", "remote", "at", "reported"}}
+    attempts = attr.ib(default=0)  # completed delivery rounds
+    next_attempt = attr.ib(default=0.0)
+    delay_warned = attr.ib(default=False)
+    dkim = attr.ib(factory=dict)  # route name -> DKIM-Signature header (str), made once
+
+    @classmethod
+    def new(cls, envelope):
+        return cls(recipients={r: {"outcome": "pending"} for r in envelope.recipients})
+
+    @classmethod
+    def from_bytes(cls, data, envelope):
+        if data is None:
+            return cls.new(envelope)
+        fields = json.loads(data.decode("utf-8"))
+        return cls(**{a.name: fields[a.name] for a in attr.fields(cls) if a.name in fields})
+
+    def to_bytes(self):
+        return json.dumps(attr.asdict(self), sort_keys=True).encode("utf-8")
+
+    def pending(self):
+        return [r for r, s in self.recipients.items() if s["outcome"] in ("pending", "deferred")]
+
+    def record(self, result, now):
+        self.recipients[result.recipient] = {
+            "outcome": result.outcome, "code": result.code, "status": result.status,
+            "text": result.text, "remote": result.remote.name if result.remote else None,
+            "at": now, "reported": False}
+
+    def unreported(self, outcome):
+        return [r for r, s in self.recipients.items() if s["outcome"] == outcome and not s.get("reported")]
+
+    def as_result(self, recipient):
+        s = self.recipients[recipient]
+        remote = _Remote(s["remote"]) if s.get("remote") else None
+        return RecipientResult(recipient, s["outcome"], s.get("code") or 0, s.get("status") or "",
+                               s.get("text") or "", remote), s.get("at") or 0.0
+
+
+@attr.s(frozen=True)
+class _Remote:
+    """Enough of a Hop for bounce.make_dsn (it only reports the name)."""
+
+    name = attr.ib()
+    address = attr.ib(default=None)
+    port = attr.ib(default=None)
+
+
+class DeliveryService(service.Service):
+    """
+    Delivers what the queue holds.  router gives routes and hops, deliverer makes one SMTP
+    attempt, signer (or None) makes DKIM signatures, new_queue_id names DSNs.
+    """
+
+    name = "delivery"
+
+    def __init__(self, queue, router, deliverer, config, clock, new_queue_id, signer=None, events=None):
+        self.queue = queue
+        self.router = router
+        self.deliverer = deliverer
+        self.delivery = config.delivery
+        self.hostname = config.gateway.hostname
+        self.clock = clock
+        self.new_queue_id = new_queue_id
+        self.signer = signer
+        self.events = events  # a mailgate.events.EventBus, or None
+        self._slots = _Slots(self.delivery.concurrency)
+        self._destinations = {}
+        self._timers = {}
+        self._running = {}  # queue_id -> Deferred of the round in progress
+        self._again = set()  # woken while a round was in progress: run once more after it
+        self._forced = set()  # flushed: the next round runs even before its retry time
+        self._withdrawn = {}  # queue_id -> token of the admin operation that owns it now
+        self._sweeper = None
+        self._unsubscribe = None
+
+    def reconfigure(self, config, router, deliverer=None, signer=None):
+        """
+        A reload: new routes (router), [delivery] settings, hostname, DKIM signer and, when given,
+        SMTP client.  Rounds in progress finish with what they started with; retry times already
+        set stay as they are (the new schedule applies from the next failure on).
+        """
+        self.router = router
+        if deliverer is not None:
+            self.deliverer = deliverer
+        self.signer = signer
+        self.delivery = config.delivery
+        self.hostname = config.gateway.hostname
+        self._slots.resize(self.delivery.concurrency)
+        for limit in self._destinations.values():
+            limit.resize(self.delivery.per_destination_concurrency)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def startService(self):
+        service.Service.startService(self)
+        self._unsubscribe = self.queue.subscribe(self._committed)
+        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
+            lambda f: log.failure("queue sweep stopped", f))
+
+    def stopService(self):
+        service.Service.stopService(self)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+
+    def _committed(self, queue_id, state):
+        if state == "active" and self.running:
+            self.wake(queue_id)
+
+    def sweep(self):
+        """Backstop: make sure every deliverable message is either running or has a timer."""
+        d = self.queue.list()
+
+        def found(entries):
+            for state, envelope in entries:
+                qid = envelope.queue_id
+                if state in DELIVERABLE and qid not in self._running and qid not in self._timers:
+                    self.wake(qid)
+
+        return d.addCallback(found)
+
+    # -- one message -----------------------------------------------------------------------------
+
+    def wake(self, queue_id):
+        """Run a delivery round for queue_id now (or right after the one in progress)."""
+        self._cancel_timer(queue_id)
+        if queue_id in self._running:
+            self._again.add(queue_id)
+            return self._running[queue_id]
+        d = defer.maybeDeferred(self._round, queue_id)
+        d.addErrback(self._round_failed, queue_id)
+        self._running[queue_id] = d
+        d.addBoth(self._round_done, queue_id)
+        return d
+
+    def _round_done(self, result, queue_id):
+        self._running.pop(queue_id, None)
+        if queue_id in self._again and self.running:
+            self._again.discard(queue_id)
+            self.wake(queue_id)
+        return result
+
+    def _round_failed(self, failure, queue_id):
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure  # from one of the round's destination groups
+        if failure.check(KeyError) or queue_id in self._withdrawn:
+            return None  # removed (delivered, deleted) or set aside as corrupt meanwhile
+        log.failure("delivery round for {queue_id} failed; retrying later", failure, queue_id=queue_id)
+        self._schedule(queue_id, self.clock.seconds() + retry_delay(self.delivery.retry, 1))
+
+    @defer.inlineCallbacks
+    def _round(self, queue_id):
+        forced = queue_id in self._forced
+        self._forced.discard(queue_id)
+        state, envelope, data = yield self.queue.load(queue_id)
+        if state not in DELIVERABLE or queue_id in self._withdrawn:
+            return
+        msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+        now = self.clock.seconds()
+        if msg.next_attempt > now and state == "deferred" and not forced:
+            self._schedule(queue_id, msg.next_attempt)
+            return
+        if now - envelope.received_at >= self.delivery.max_lifetime:
+            self._expire(envelope, data, msg, now)
+        else:
+            yield defer.gatherResults(
+                [self._deliver_group(queue_id, envelope, data, msg, route, key, rcpts)
+                 for route, key, rcpts in self._groups(envelope, data, msg, now)], consumeErrors=True)
+        yield self._finish_round(queue_id, state, envelope, data, msg)
+
+    def _track(self, event, envelope, data, **fields):
+        if self.events is not None:
+            self.events.track(event, queue_id=envelope.queue_id, message_id=message_id(data),
+                              sender=envelope.sender, size=envelope.size, listener=envelope.listener,
+                              client=envelope.client_ip, user=envelope.user, **fields)
+
+    def _track_result(self, envelope, data, route, result):
+        event = {"delivered": "DELIVER", "deferred": "DEFER", "bounced": "BOUNCE"}[result.outcome]
+        extra = {"session": result.session} if result.session else {}
+        self._track(event, envelope, data, recipients=[result.recipient], route=route,
+                    reply="%s %s %s" % (result.code, result.status, result.text),
+                    remote_host=result.remote.name if result.remote else None, tls=result.tls,
+                    latency=self.clock.seconds() - envelope.received_at, **extra)
+
+    def _groups(self, envelope, data, msg, now):
+        """Pending recipients by destination; those without a route bounce here."""
+        groups = {}
+        for rcpt in msg.pending():
+            route = self.router.route_for(_domain(rcpt))
+            if route is None:
+                result = RecipientResult(rcpt, "bounced", 554, "5.4.4", "No route to destination")
+                msg.record(result, now)
+                self._track_result(envelope, data, None, result)
+                continue
+            key = (route.name, _domain(rcpt)) if route.mx else (route.name,)
+            groups.setdefault(key, (route, []))[1].append(rcpt)
+        return [(route, key, rcpts) for key, (route, rcpts) in groups.items()]
+
+    def _expire(self, envelope, data, msg, now):
+        for rcpt in msg.pending():
+            last = msg.recipients[rcpt]
+            text = "Message expired after %s; last error: %s" % (
+                _human(self.delivery.max_lifetime), last.get("text") or "none")
+            msg.record(RecipientResult(rcpt, "bounced", last.get("code") or 451, "4.4.7", text), now)
+            msg.recipients[rcpt]["remote"] = last.get("remote")
+            self._track("EXPIRE", envelope, data, recipients=[rcpt], reply="4.4.7 " + text,
+                        latency=now - envelope.received_at)
+        log.info("{queue_id} expired after {lifetime}", queue_id=envelope.queue_id,
+                 lifetime=_human(self.delivery.max_lifetime))
+
+    @defer.inlineCallbacks
+    def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts):
+        limit = self._destinations.get(key)
+        if limit is None:
+            limit = self._destinations[key] = _Slots(self.delivery.per_destination_concurrency)
+        yield limit.acquire()
+        try:
+            yield self._slots.acquire()
+            try:
+                if queue_id in self._withdrawn:
+                    return  # held, deleted or bounced while it waited for a slot: no attempt
+                results = yield self._attempt(queue_id, envelope, data, msg, route, rcpts)
+            finally:
+                self._slots.release()
+        finally:
+            limit.release()
+        now = self.clock.seconds()
+        for result in results:
+            msg.record(result, now)
+            self._track_result(envelope, data, route.name, result)
+            log.info("{queue_id} to=<{rcpt}> route={route} {outcome}: {code} {status} {text}",
+                     queue_id=queue_id, rcpt=result.recipient, route=route.name, outcome=result.outcome,
+                     code=result.code, status=result.status, text=result.text,
+                     remote=result.remote.name if result.remote else None, tls=result.tls)
+        # The outcome is on disk before anything acts on it (a bounce, a removal, a retry).
+        yield self.queue.save_state(queue_id, msg.to_bytes())
+
+    @defer.inlineCallbacks
+    def _attempt(self, queue_id, envelope, data, msg, route, rcpts):
+        try:
+            hops = yield self.router.hops(route, _domain(rcpts[0]))
+        except RoutingError as e:
+            outcome = "bounced" if e.permanent else "deferred"
+            code = 550 if e.permanent else 451
+            return [RecipientResult(r, outcome, code, e.status, e.text) for r in rcpts]
+        signature = yield self._signature(queue_id, data, msg, route)
+        results = yield self.deliverer.deliver(route, hops, envelope.sender, rcpts, signature + data)
+        return results
+
+    @defer.inlineCallbacks
+    def _signature(self, queue_id, data, msg, route):
+        """The DKIM-Signature for this route, made once and kept in the message's state."""
+        if self.signer is None or not route.dkim_sign:
+            return b""
+        if route.name not in msg.dkim:
+            header = yield self.signer.sign(data)
+            msg.dkim[route.name] = header.decode("ascii") if header else ""
+            yield self.queue.save_state(queue_id, msg.to_bytes())
+        return msg.dkim[route.name].encode("ascii")
+
+    @defer.inlineCallbacks
+    def _finish_round(self, queue_id, state, envelope, data, msg):
+        if self._withdrawn_for(queue_id) in ("delete", "bounce"):
+            return  # the operation owns the message now (a bounce reports what this round found)
+        now = self.clock.seconds()
+        bounced = msg.unreported("bounced")
+        if bounced:
+            yield self._notify(envelope, data, msg, bounced, now, "failed")
+        pending = msg.pending()
+        if not pending:
+            yield self.queue.save_state(queue_id, msg.to_bytes())
+            yield self.queue.remove(queue_id)
+            log.info("{queue_id} done", queue_id=queue_id)
+            return
+        msg.attempts += 1
+        warn_at = envelope.received_at + self.delivery.delay_warning
+        if self.delivery.delay_warning > 0 and not msg.delay_warned and now >= warn_at:
+            yield self._notify(envelope, data, msg, pending, now, "delayed")
+            msg.delay_warned = True
+        expires = envelope.received_at + self.delivery.max_lifetime
+        msg.next_attempt = min(now + retry_delay(self.delivery.retry, msg.attempts), expires)
+        yield self.queue.save_state(queue_id, msg.to_bytes())
+        # Checked right before each step: a hold made during this round must not be undone.
+        if self._withdrawn_for(queue_id) is not None:
+            return
+        if state != "deferred":
+            yield self.queue.move(queue_id, "deferred")
+        if self._withdrawn_for(queue_id) is None:
+            self._schedule(queue_id, msg.next_attempt)
+
+    @defer.inlineCallbacks
+    def _notify(self, envelope, data, msg, recipients, now, action):
+        """
+        Queue one DSN for recipients (never for a message from <>), then mark them reported.
+        Fires with the DSN's queue id, or None when none was made.
+        """
+        dsn_id = None
+        if bounce.should_bounce(envelope):
+            failures = [msg.as_result(r) for r in recipients]
+            dsn = bounce.make_dsn(self.hostname, envelope, data, failures, now, action=action)
+            dsn_envelope = Envelope(
+                queue_id=self.new_queue_id(), sender="", recipients=(envelope.sender,),
+                client_ip="", helo=self.hostname, listener="", protocol="local",
+                received_at=now, size=len(dsn))
+            yield self.queue.enqueue(dsn_envelope, dsn)
+            dsn_id = dsn_envelope.queue_id
+            self._track("DSN", envelope, data, recipients=list(recipients), action=action,
+                        dsn_queue_id=dsn_envelope.queue_id)
+            log.info("{queue_id} {action} notice queued as {dsn_id} for <{sender}>",
+                     queue_id=envelope.queue_id, action=action, dsn_id=dsn_envelope.queue_id,
+                     sender=envelope.sender)
+        if action == "failed":
+            for r in recipients:
+                msg.recipients[r]["reported"] = True
+        return dsn_id
+
+    def _schedule(self, queue_id, when):
+        if not self.running:
+            return
+        self._cancel_timer(queue_id)
+        delay = max(0.0, when - self.clock.seconds())
+        self._timers[queue_id] = self.clock.callLater(delay, self._due, queue_id)
+
+    def _due(self, queue_id):
+        self._timers.pop(queue_id, None)
+        self.wake(queue_id)
+
+    # -- the administrator's queue operations --------------------------------------------------
+    #
+    # Each fires with a dict describing what was done, or fails with QueueCommandError (a request
+    # that makes no sense for the message's state), KeyError (no such message) or ValueError (not
+    # a queue id).
+
+    def _withdrawn_for(self, queue_id):
+        """The operation ("hold", "delete", "bounce") that owns queue_id now, or None."""
+        mark = self._withdrawn.get(queue_id)
+        return mark[0] if mark is not None else None
+
+    def _cancel_timer(self, queue_id):
+        call = self._timers.pop(queue_id, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _withdraw(self, queue_id, operation):
+        """
+        Take queue_id away from delivery for operation: no timer, no further round, and a round
+        in progress will not move it back or schedule it.  Returns the mark for _settle.
+        """
+        mark = (operation, object())
+        self._withdrawn[queue_id] = mark
+        self._cancel_timer(queue_id)
+        self._again.discard(queue_id)
+        self._forced.discard(queue_id)
+        return mark
+
+    def _settle(self, queue_id, mark):
+        """The operation is done: forget its mark, once no round that may have missed it runs."""
+        running = self._running.get(queue_id)
+        if running is None:
+            if self._withdrawn.get(queue_id) is mark:
+                del self._withdrawn[queue_id]
+            return
+        running.addBoth(self._settled, queue_id, mark)
+
+    def _settled(self, result, queue_id, mark):
+        self._settle(queue_id, mark)
+        return result
+
+    def _round_over(self, queue_id):
+        """Fires (with None) once no delivery round for queue_id is in progress."""
+        running = self._running.get(queue_id)
+        if running is None:
+            return defer.succeed(None)
+        done = defer.Deferred()
+
+        def over(result):
+            self._round_over(queue_id).chainDeferred(done)
+            return result
+
+        running.addBoth(over)
+        return done
+
+    @defer.inlineCallbacks
+    def flush(self, queue_id=None):
+        """
+        Retry now: one message (active or deferred), or every one of them.  Fires once the rounds
+        are started, not finished: {"flushed": [queue ids]}.
+        """
+        if queue_id is not None:
+            state, _, _ = yield self.queue.load(queue_id)
+            if state not in DELIVERABLE:
+                raise QueueCommandError("%s is in %s: release it first" % (queue_id, state))
+            ids = [queue_id]
+        else:
+            ids = [e.queue_id for state, e in (yield self.queue.list()) if state in DELIVERABLE]
+        woken = [qid for qid in ids if qid not in self._withdrawn]  # not those an operation owns
+        for qid in woken:
+            self._forced.add(qid)
+            self.wake(qid)
+        log.info("flush: retrying {count} message(s) now", count=len(woken))
+        return {"flushed": woken}
+
+    @defer.inlineCallbacks
+    def hold(self, queue_id):
+        """Move a message to hold (any state but quarantine): it is not delivered until released."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        if state == "hold":
+            return {"queue_id": queue_id, "state": "hold", "from": "hold"}
+        if state == "quarantine":
+            raise QueueCommandError("%s is in quarantine: release or delete it" % (queue_id,))
+        mark = self._withdraw(queue_id, "hold")
+        try:
+            yield self.queue.move(queue_id, "hold")
+        finally:
+            self._settle(queue_id, mark)
+        log.info("{queue_id} held by the administrator (was {state})", queue_id=queue_id, state=state)
+        return {"queue_id": queue_id, "state": "hold", "from": state}
+
+    @defer.inlineCallbacks
+    def release(self, queue_id):
+        """Hold or quarantine -> active: delivered at once.  Tracking RELEASE."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        if state not in ("hold", "quarantine"):
+            raise QueueCommandError("%s is not held or quarantined (it is %s)" % (queue_id, state))
+        self._withdrawn.pop(queue_id, None)
+        self._forced.add(queue_id)  # whatever its retry time was: the administrator wants it now
+        yield self.queue.move(queue_id, "active")  # the queue's notice wakes delivery
+        self._track("RELEASE", envelope, data, recipients=list(envelope.recipients),
+                    stage=state, reason="administrator")
+        log.info("{queue_id} released from {state} by the administrator", queue_id=queue_id,
+                 state=state)
+        return {"queue_id": queue_id, "state": "active", "from": state}
+
+    @defer.inlineCallbacks
+    def delete(self, queue_id):
+        """Remove a message (any state) without telling anyone.  Tracking DELETE."""
+        state, envelope, data = yield self.queue.load(queue_id)
+        raw = yield self.queue.load_state(queue_id)
+        msg = MessageState.from_bytes(raw, envelope)
+        mark = self._withdraw(queue_id, "delete")
+        try:
+            yield self.queue.remove(queue_id)
+        finally:
+            self._settle(queue_id, mark)
+        self._track("DELETE", envelope, data, recipients=msg.pending(), stage=state,
+                    reason="administrator")
+        log.info("{queue_id} deleted by the administrator (was {state})", queue_id=queue_id,
+                 state=state)
+        return {"queue_id": queue_id, "from": state, "pending": msg.pending()}
+
+    @defer.inlineCallbacks
+    def bounce(self, queue_id):
+        """
+        Give up on a message now (any state): every recipient still pending bounces with 5.0.0,
+        the sender gets one DSN (unless it is <>), the message is removed.  A round in progress is
+        let finish first, so that what it learns is reported too.  Tracking BOUNCE, then DSN.
+        """
+        yield self.queue.load(queue_id)  # KeyError, ValueError before anything changes
+        mark = self._withdraw(queue_id, "bounce")
+        try:
+            yield self._round_over(queue_id)
+            if self._withdrawn.get(queue_id) is not mark:
+                raise QueueCommandError("%s: another operation took it over" % (queue_id,))
+            self._cancel_timer(queue_id)
+            state, envelope, data = yield self.queue.load(queue_id)
+            msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+            now = self.clock.seconds()
+            code, status, text = ADMIN_BOUNCE
+            pending = msg.pending()
+            for rcpt in pending:
+                last = msg.recipients[rcpt].get("text")
+                reason = "%s; last error: %s" % (text, last) if last else text
+                result = RecipientResult(rcpt, "bounced", code, status, reason)
+                msg.record(result, now)
+                self._track("BOUNCE", envelope, data, recipients=[rcpt], route=None,
+                            reply="%d %s %s" % (code, status, reason), reason="administrator",
+                            latency=now - envelope.received_at)
+            bounced = msg.unreported("bounced")
+            dsn_id = None
+            if bounced:
+                dsn_id = yield self._notify(envelope, data, msg, bounced, now, "failed")
+            yield self.queue.save_state(queue_id, msg.to_bytes())
+            yield self.queue.remove(queue_id)
+        finally:
+            self._settle(queue_id, mark)
+        log.info("{queue_id} bounced by the administrator: {count} recipient(s)", queue_id=queue_id,
+                 count=len(pending))
+        return {"queue_id": queue_id, "from": state, "bounced": pending, "dsn": dsn_id}
+
+
+def _human(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds

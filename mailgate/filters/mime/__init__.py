@@ -1,0 +1,1 @@
+"""The MIME walker behind the attachment policy."""

@@ -1,0 +1,673 @@
+"""
+Prometheus metrics and the health check, served over HTTP by twisted.web.
+
+Metrics(events, clock) owns its own prometheus_client CollectorRegistry (never the global
+REGISTRY: two gateways, or many tests, in one process do not collide) and counts what the gateway
+emits on its mailgate.events.EventBus:
+
+  protocol events (inbound, direction "in", unless said otherwise)
+    mailgate_connections_open{listener}               gauge: connect +1, disconnect -1
+    mailgate_connections_total{listener}
+    mailgate_connection_timeouts_total{listener}      replies "421 4.4.2" (command/data/session
+                                                      time limit); the last minute of them is what
+                                                      the connection_timeouts_per_minute alert sees
+    mailgate_tls_sessions_total{direction,version}    "tls" events, data "<version> <cipher>"
+                                                      (inbound and, direction "out", delivery)
+    mailgate_outbound_connections_total{route}        delivery connections ("out" connect events)
+  tracking events
+    mailgate_tracking_events_total{event}             every tracking event by name (RECEIVE, ...)
+    mailgate_messages_received_total{listener}        RECEIVE
+    mailgate_accept_seconds                           histogram of RECEIVE latency (end of DATA to
+                                                      queued: filters and the durable write)
+    mailgate_messages_rejected_total{listener,stage,severity,reason}
+                                                      REJECT: one per refused MAIL, RCPT or message
+    mailgate_messages_quarantined_total               QUARANTINE
+    mailgate_auth_failures_total{listener}            AUTH_FAIL
+    mailgate_recipients_delivered_total{route}        DELIVER (one per recipient)
+    mailgate_recipients_deferred_total{route}         DEFER
+    mailgate_recipients_bounced_total{route}          BOUNCE (route "none": no route matched)
+    mailgate_delivery_seconds                         histogram of DELIVER latency (seconds since
+                                                      the message was received, retries included)
+  verdict events (mailgate.filters.chain)
+    mailgate_filter_verdicts_total{filter,action}     action: next, accept, reject, tempfail,
+                                                      quarantine, or error (the hook failed)
+  the queue, refreshed from queue.list() every queue_interval seconds (not on scrape: listing
+  reads every entry's header from disk, which is not cheap for a big spool)
+    mailgate_queue_messages{state}
+    mailgate_queue_oldest_age_seconds{state}          0 when the state is empty
+    mailgate_queue_refresh_timestamp_seconds          when the values above were taken
+  DNS, through InstrumentedResolver
+    mailgate_dns_seconds{type}                        histogram of every lookup (cache hits too:
+                                                      it is the time mail flow waits)
+    mailgate_dns_errors_total{type,error}             error: nxdomain, servfail, refused,
+                                                      timeout, cancelled, other
+  alerts (mailgate.ops.alerts)
+    mailgate_alert_active{alert}                      1 while firing, 0 otherwise
+
+The rejection reason comes from the enhanced status code (RFC 3463) of the reply, X.Y.Z:
+severity is "temporary" (4xx) or "permanent" (5xx); reason is "size" (X.3.4), "too_many_recipients"
+(X.5.3), "unknown_user" (X.1.1), "denied" (X.7.1: relay access denied, access denied, DMARC and
+other policy refusals), else the subject of Y: "address" (1), "mailbox" (2), "system" (3: e.g.
+451 4.3.0 when a filter or the queue fails), "network" (4), "protocol" (5: syntax, sequence),
+"content" (6: bare LF, long lines), "policy" (7: TLS or AUTH required, bad credentials...), "other"
+(0), or "unknown" without an enhanced status.  All label values are bounded: listener, route and
+filter names come from the configuration.
+
+MetricsService(config, reactor, gateway) serves, on config.metrics.endpoint (a Twisted server
+endpoint string; nothing when empty), with twisted.web (no access log):
+
+  GET /metrics   the registry in the Prometheus text format (prometheus_client.generate_latest,
+                 Content-Type prometheus_client.CONTENT_TYPE_LATEST)
+  GET /healthz   200 "ok", or 503 with one reason a line: "listener NAME not bound", "queue recovery
+                 in progress", "queue not writable" (queue.check_writable() fired False or failed),
+                 "queue not writable: no answer within 10s"
+
+It refreshes the queue gauges (once queue recovery is over) and runs mailgate.ops.alerts.Alerts (also
+without an endpoint).  Counters also get prometheus_client's *_created series; mailgate_build_info
+{version} is 1.
+"""
+
+import collections
+import re
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IResolver
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.names import common, dns, error as dnserror
+from twisted.python.failure import Failure
+from twisted.web import pages, resource, server
+from zope.interface import implementer
+
+import mailgate
+from mailgate.errors import ConfigError
+
+log = Logger()
+
+QUEUE_STATES = ("active", "deferred", "hold", "quarantine")
+QUEUE_INTERVAL = 15.0  # seconds between queue gauge refreshes
+TIMEOUT_REPLY = "421 4.4.2"  # smtpd's answer when a client exceeds a time limit
+TIMEOUT_WINDOW = 60  # seconds of timeouts kept for the alert
+HEALTH_TIMEOUT = 10.0  # seconds the queue probe may take before /healthz says 503
+
+ACCEPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DELIVERY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600,
+                    86400, 3 * 86400, 5 * 86400)
+DNS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+_ENHANCED = re.compile(r"^\s*([245])\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
+_CODE = re.compile(r"^\s*([245])\d\d\b")
+_DETAIL_REASONS = {"3.4": "size", "5.3": "too_many_recipients", "1.1": "unknown_user", "7.1": "denied"}
+_SUBJECT_REASONS = {"0": "other", "1": "address", "2": "mailbox", "3": "system", "4": "network",
+                    "5": "protocol", "6": "content", "7": "policy"}
+
+
+def reject_reason(reply):
+    """(severity, reason) of a refusal reply such as "550 5.7.1 Relay access denied"."""
+    text = str(reply or "")
+    match = _ENHANCED.match(text)
+    if match is None:
+        code = _CODE.match(text)
+        severity = {"4": "temporary", "5": "permanent"}.get(code.group(1) if code else "", "unknown")
+        return severity, "unknown"
+    klass, subject, detail = match.group(1), match.group(3), match.group(4)
+    severity = "temporary" if klass == "4" else "permanent" if klass == "5" else "unknown"
+    reason = _DETAIL_REASONS.get("%s.%s" % (subject, detail)) or _SUBJECT_REASONS.get(subject, "other")
+    return severity, reason
+
+
+def _label(value, default="none"):
+    return default if value is None or value == "" else str(value)
+
+
+class QueueSnapshot:
+    """What queue.list() said at `taken`: entries per state and the oldest received_at per state."""
+
+    def __init__(self, entries, now):
+        self.taken = now
+        self.counts = dict.fromkeys(QUEUE_STATES, 0)
+        self.oldest = {}
+        for state, envelope in entries:
+            self.counts[state] = self.counts.get(state, 0) + 1
+            received = getattr(envelope, "received_at", None)
+            if received is not None and (state not in self.oldest or received < self.oldest[state]):
+                self.oldest[state] = received
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def oldest_age(self, states=None):
+        """Seconds since the oldest message (of states, default all) was received; 0 when none."""
+        times = [t for s, t in self.oldest.items() if states is None or s in states]
+        return max(0.0, self.taken - min(times)) if times else 0.0
+
+
+class Metrics:
+    """
+    The gateway's metrics in their own registry, fed by events (a mailgate.events.EventBus, or
+    None) on clock (an IReactorTime).  queue (an IQueue) and queue_interval: what start() refreshes
+    the queue gauges from, and how often.  The registry is .registry; exposition() is the text.
+    """
+
+    def __init__(self, events=None, clock=None, queue=None, queue_interval=QUEUE_INTERVAL):
+        self.clock = clock
+        self.queue = queue
+        self.queue_interval = queue_interval
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.snapshot = None  # the last QueueSnapshot
+        self._refreshing = None
+        self._list_failing = False
+        self._loop = None
+        self._timeouts = collections.deque()  # [second, count], for the last TIMEOUT_WINDOW seconds
+
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name, doc, labels=()):
+            return Gauge(name, doc, labels, registry=registry)
+
+        self.build_info = gauge("mailgate_build_info", "mailgate's version", ("version",))
+        self.build_info.labels(mailgate.__version__).set(1)
+        self.connections_open = gauge("mailgate_connections_open", "Open inbound SMTP connections",
+                                      ("listener",))
+        self.connections = counter("mailgate_connections_total", "Inbound SMTP connections accepted",
+                                   ("listener",))
+        self.connection_timeouts = counter(
+            "mailgate_connection_timeouts_total",
+            "Inbound sessions closed for exceeding a time limit (421 4.4.2)", ("listener",))
+        self.outbound_connections = counter("mailgate_outbound_connections_total",
+                                            "SMTP connections made for delivery", ("route",))
+        self.tls_sessions = counter("mailgate_tls_sessions_total", "TLS sessions by protocol version",
+                                    ("direction", "version"))
+        self.tracking_events = counter("mailgate_tracking_events_total",
+                                       "Message tracking events by name", ("event",))
+        self.received = counter("mailgate_messages_received_total", "Messages accepted and queued",
+                                ("listener",))
+        self.rejected = counter(
+            "mailgate_messages_rejected_total",
+            "Refused MAIL, RCPT and messages, by SMTP stage and reason (enhanced status code)",
+            ("listener", "stage", "severity", "reason"))
+        self.quarantined = counter("mailgate_messages_quarantined_total", "Messages quarantined")
+        self.auth_failures = counter("mailgate_auth_failures_total", "Failed SMTP AUTH attempts",
+                                     ("listener",))
+        self.delivered = counter("mailgate_recipients_delivered_total", "Recipients delivered",
+                                 ("route",))
+        self.deferred = counter("mailgate_recipients_deferred_total",
+                                "Recipient delivery attempts deferred", ("route",))
+        self.bounced = counter("mailgate_recipients_bounced_total", "Recipients bounced", ("route",))
+        self.accept_seconds = Histogram(
+            "mailgate_accept_seconds", "Seconds from end of DATA until the message was queued",
+            buckets=ACCEPT_BUCKETS, registry=registry)
+        self.delivery_seconds = Histogram(
+            "mailgate_delivery_seconds", "Seconds from receipt until a recipient was delivered",
+            buckets=DELIVERY_BUCKETS, registry=registry)
+        self.dns_seconds = Histogram("mailgate_dns_seconds", "Seconds per DNS lookup", ("type",),
+                                     buckets=DNS_BUCKETS, registry=registry)
+        self.dns_errors = counter("mailgate_dns_errors_total", "DNS lookups that failed",
+                                  ("type", "error"))
+        self.filter_verdicts = counter("mailgate_filter_verdicts_total", "Filter verdicts",
+                                       ("filter", "action"))
+        self.queue_messages = gauge("mailgate_queue_messages", "Messages in the queue by state",
+                                    ("state",))
+        self.queue_oldest = gauge("mailgate_queue_oldest_age_seconds",
+                                  "Age of the oldest message in each queue state", ("state",))
+        self.queue_refreshed = gauge("mailgate_queue_refresh_timestamp_seconds",
+                                     "When the queue gauges were last refreshed (POSIX seconds)")
+        self.alert_active = gauge("mailgate_alert_active", "1 while an alert is firing", ("alert",))
+        self._unsubscribe = events.subscribe(self.observe) if events is not None else None
+
+    # -- events ------------------------------------------------------------------------------
+
+    def observe(self, kind, fields):
+        """The EventBus observer."""
+        if kind == "protocol":
+            self._protocol(fields)
+        elif kind == "tracking":
+            self._tracking(fields)
+        elif kind == "verdict":
+            self.filter_verdicts.labels(_label(fields.get("filter")), _label(fields.get("action"))).inc()
+
+    def _protocol(self, fields):
+        event = fields.get("event")
+        direction = fields.get("direction")
+        if event == "tls":
+            version = str(fields.get("data") or "").split(" ", 1)[0]
+            self.tls_sessions.labels(_label(direction, "in"),
+                                     version if version and version != "None" else "unknown").inc()
+            return
+        if direction not in (None, "in"):
+            if direction == "out" and event == "connect":
+                self.outbound_connections.labels(_label(fields.get("route"))).inc()
+            return
+        listener = _label(fields.get("listener"))
+        if event == "connect":
+            self.connections.labels(listener).inc()
+            self.connections_open.labels(listener).inc()
+        elif event == "disconnect":
+            self.connections_open.labels(listener).dec()
+        elif event == "reply" and str(fields.get("data") or "").startswith(TIMEOUT_REPLY):
+            self.connection_timeouts.labels(listener).inc()
+            self._note_timeout(fields.get("time"))
+
+    def _tracking(self, fields):
+        event = fields.get("event")
+        self.tracking_events.labels(_label(event)).inc()
+        recipients = fields.get("recipients")
+        count = len(recipients) if recipients is not None else 1
+        if event == "RECEIVE":
+            self.received.labels(_label(fields.get("listener"))).inc()
+            if fields.get("latency") is not None:
+                self.accept_seconds.observe(max(0.0, fields["latency"]))
+        elif event == "REJECT":
+            severity, reason = reject_reason(fields.get("reply"))
+            self.rejected.labels(_label(fields.get("listener")), _label(fields.get("stage")),
+                                 severity, reason).inc()
+        elif event == "QUARANTINE":
+            self.quarantined.inc()
+        elif event == "AUTH_FAIL":
+            self.auth_failures.labels(_label(fields.get("listener"))).inc()
+        elif event == "DELIVER":
+            self.delivered.labels(_label(fields.get("route"))).inc(count)
+            if fields.get("latency") is not None:
+                self.delivery_seconds.observe(max(0.0, fields["latency"]))
+        elif event == "DEFER":
+            self.deferred.labels(_label(fields.get("route"))).inc(count)
+        elif event == "BOUNCE":
+            self.bounced.labels(_label(fields.get("route"))).inc(count)
+
+    def declare_listeners(self, names):
+        """Make the per-listener series exist (at 0) before the first connection."""
+        for name in names:
+            self.connections_open.labels(name)
+            self.connections.labels(name)
+            self.connection_timeouts.labels(name)
+            self.received.labels(name)
+            self.auth_failures.labels(name)
+
+    # -- connection timeouts over the last minute (for the alert) ------------------------------
+
+    def _now(self):
+        return self.clock.seconds() if self.clock is not None else 0.0
+
+    def _note_timeout(self, when):
+        second = int(when if when is not None else self._now())
+        if self._timeouts and self._timeouts[-1][0] == second:
+            self._timeouts[-1][1] += 1
+        else:
+            self._timeouts.append([second, 1])
+        self._prune_timeouts(second)
+
+    def _prune_timeouts(self, now):
+        while self._timeouts and self._timeouts[0][0] <= now - TIMEOUT_WINDOW:
+            self._timeouts.popleft()
+
+    def recent_timeouts(self, window=TIMEOUT_WINDOW):
+        """Inbound connection timeouts (421 4.4.2) in the last window seconds (at most 60)."""
+        now = self._now()
+        self._prune_timeouts(int(now))
+        return sum(count for second, count in self._timeouts if second > now - window)
+
+    # -- the queue -------------------------------------------------------------------------------
+
+    def set_queue(self, snapshot):
+        """Set the queue gauges from a QueueSnapshot."""
+        self.snapshot = snapshot
+        for state, count in snapshot.counts.items():
+            self.queue_messages.labels(state).set(count)
+            self.queue_oldest.labels(state).set(snapshot.oldest_age((state,)))
+        self.queue_refreshed.set(snapshot.taken)
+
+    def refresh_queue(self, queue=None):
+        """
+        List the queue and set the gauges; fires with the QueueSnapshot (never fails: a failed
+        listing is logged and fires with None).  Calls made while a listing runs share it.
+        """
+        if self._refreshing is not None:
+            mine = defer.Deferred()
+            self._refreshing.append(mine)
+            return mine
+        queue = queue if queue is not None else self.queue
+        self._refreshing = waiting = []
+        d = defer.maybeDeferred(queue.list)
+
+        def listed(entries):
+            if self._list_failing:
+                self._list_failing = False
+                log.info("the queue can be listed again for metrics")
+            snapshot = QueueSnapshot(entries, self._now())
+            self.set_queue(snapshot)
+            return snapshot
+
+        def failed(failure):
+            if not self._list_failing:  # once, not every queue_interval
+                self._list_failing = True
+                log.failure("could not list the queue for metrics", failure)
+            return None
+
+        def done(result):
+            self._refreshing = None
+            for other in waiting:
+                other.callback(result)
+            return result
+
+        return d.addCallbacks(listed, failed).addBoth(done)
+
+    def start(self):
+        """Refresh the queue gauges now and every queue_interval seconds (needs queue and clock)."""
+        if self._loop is None and self.queue is not None:
+            self._loop = LoopingCall(self.refresh_queue)
+            self._loop.clock = self.clock
+            self._loop.start(self.queue_interval, now=True)
+
+    def stop(self):
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def close(self):
+        """Stop refreshing and stop listening to events."""
+        self.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def exposition(self):
+        """The Prometheus text exposition of the registry (bytes)."""
+        return prometheus_client.generate_latest(self.registry)
+
+
+# -- DNS -------------------------------------------------------------------------------------------
+
+_METHOD_TYPES = {method: dns.QUERY_TYPES.get(rtype) or dns.EXT_QUERIES.get(rtype) or str(rtype)
+                 for rtype, method in common.typeToMethod.items()}
+
+
+def _dns_error(failure):
+    if failure.check(defer.CancelledError):
+        return "cancelled"
+    if failure.check(dnserror.DNSNameError):
+        return "nxdomain"
+    if failure.check(dnserror.DNSServerError):
+        return "servfail"
+    if failure.check(dnserror.DNSQueryRefusedError):
+        return "refused"
+    if failure.check(defer.TimeoutError):  # DNSQueryTimeoutError is one
+        return "timeout"
+    return "other"
+
+
+@implementer(IResolver)
+class InstrumentedResolver:
+    """
+    resolver (a twisted.names IResolver), with every lookup*, query and getHostByName call timed
+    on clock into metrics.dns_seconds{type}, and its failures counted in
+    metrics.dns_errors_total{type,error}.  The caller gets the wrapped resolver's own Deferred
+    (cancelling it cancels the lookup).  Anything else (e.g. clear()) is the wrapped resolver's.
+    """
+
+    def __init__(self, resolver, metrics, clock):
+        self.resolver = resolver
+        self.metrics = metrics
+        self.clock = clock
+
+    def __getattr__(self, name):
+        if name == "resolver":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        target = getattr(self.resolver, name)
+        if name.startswith("lookup") and callable(target):
+            rtype = _METHOD_TYPES.get(name) or name[len("lookup"):].upper()
+            return lambda *args, **kwargs: self._timed(rtype, target, *args, **kwargs)
+        return target
+
+    def query(self, query, timeout=None):
+        rtype = dns.QUERY_TYPES.get(query.type) or dns.EXT_QUERIES.get(query.type) or str(query.type)
+        return self._timed(rtype, self.resolver.query, query, timeout)
+
+    def getHostByName(self, name, timeout=None, effort=10):
+        return self._timed("A", self.resolver.getHostByName, name, timeout, effort)
+
+    def _timed(self, rtype, call, *args, **kwargs):
+        started = self.clock.seconds()
+        try:
+            d = call(*args, **kwargs)
+        except Exception:
+            d = defer.fail(Failure())
+        if not isinstance(d, defer.Deferred):
+            d = defer.succeed(d)
+
+        def observe(result):
+            self.metrics.dns_seconds.labels(rtype).observe(max(0.0, self.clock.seconds() - started))
+            if isinstance(result, Failure):
+                self.metrics.dns_errors.labels(rtype, _dns_error(result)).inc()
+            return result
+
+        return d.addBoth(observe)
+
+
+# Every IResolver lookup method is defined on the class (zope's verifyObject looks there).
+for _name in IResolver.names():
+    if _name.startswith("lookup") and not hasattr(InstrumentedResolver, _name):
+        def _make(name):
+            def lookup(self, *args, **kwargs):
+                return getattr(self, "__getattr__")(name)(*args, **kwargs)
+
+            lookup.__name__ = name
+            return lookup
+
+        setattr(InstrumentedResolver, _name, _make(_name))
+del _name
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+class MetricsResource(resource.Resource):
+    """GET /metrics: the registry in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics):
+        resource.Resource.__init__(self)
+        self.metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", prometheus_client.CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return self.metrics.exposition()
+
+
+class HealthResource(resource.Resource):
+    """GET /healthz: 200 "ok", or 503 with one reason a line.  check() -> Deferred[list of str]."""
+
+    isLeaf = True
+
+    def __init__(self, check):
+        resource.Resource.__init__(self)
+        self.check = check
+
+    def render_GET(self, request):
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+        d = defer.maybeDeferred(self.check)
+
+        def answer(problems):
+            if problems:
+                request.setResponseCode(503)
+                body = "\n".join(problems) + "\n"
+            else:
+                body = "ok\n"
+            return body
+
+        def broken(failure):
+            log.failure("health check failed", failure)
+            request.setResponseCode(503)
+            return "health check failed\n"
+
+        def write(body):
+            if finished:  # the client went away
+                return
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Cache-Control", b"no-store")
+            request.write(body.encode("utf-8"))
+            request.finish()
+
+        d.addCallbacks(answer, broken).addCallback(write)
+        d.addErrback(lambda f: log.failure("could not answer a health check", f))
+        return server.NOT_DONE_YET
+
+
+class _Root(resource.Resource):
+    def getChild(self, path, request):
+        return pages.notFound()
+
+
+class _QuietSite(server.Site):
+    """A Site that does not write an access log line per scrape."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
+    """
+    Deferred[list of str]: why gateway (a GatewayService) cannot take mail; [] when it can.
+    Every ListenerService child must have a bound port, queue recovery must be over, and
+    gateway.queue.check_writable() must fire True within timeout seconds.
+    """
+    from mailgate.service import ListenerService  # here: mailgate.service may import this module
+
+    problems = []
+    for child in gateway:
+        if isinstance(child, ListenerService) and child.port is None:
+            problems.append("listener %s not bound" % (child.listener.name,))
+    ready = getattr(gateway, "ready", None)
+    if isinstance(ready, defer.Deferred) and not ready.called:
+        problems.append("queue recovery in progress")
+    d = defer.maybeDeferred(gateway.queue.check_writable)
+    if timeout:
+        d.addTimeout(timeout, clock)
+
+    def checked(writable):
+        if writable is not True:
+            problems.append("queue not writable")
+        return problems
+
+    def failed(failure):
+        if failure.check(defer.TimeoutError):
+            problems.append("queue not writable: no answer within %gs" % (timeout,))
+        else:
+            log.failure("queue writability check failed", failure)
+            problems.append("queue not writable")
+        return problems
+
+    return d.addCallbacks(checked, failed)
+
+
+def make_site(metrics, health):
+    """The twisted.web Site: /metrics from metrics, /healthz from health() -> Deferred[list]."""
+    root = _Root()
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"healthz", HealthResource(health))
+    return _QuietSite(root)
+
+
+class MetricsService(service.Service):
+    """
+    Metrics, /metrics and /healthz, and alerts for a gateway (the GatewayService of
+    mailgate.service.build_service: its .events, .queue and ListenerService children).
+
+    The Metrics object (.metrics) subscribes to gateway.events at once; metrics, when given, is
+    used instead (one made before the gateway, e.g. for InstrumentedResolver, already subscribed
+    to the gateway's bus; its queue defaults to gateway.queue).  When started: if
+    config.metrics.endpoint is set, the queue gauges are refreshed every queue_interval seconds and
+    the endpoint (a Twisted server endpoint string, on reactor) serves the Site; .port is the
+    listening port.  mailgate.ops.alerts.Alerts (.alerts) runs when any alert threshold is set.
+    """
+
+    name = "metrics"
+
+    def __init__(self, config, reactor, gateway, metrics=None, queue_interval=QUEUE_INTERVAL, spawn=None):
+        from mailgate.ops.alerts import Alerts
+
+        self.config = config
+        self.reactor = reactor
+        self.gateway = gateway
+        if metrics is None:
+            metrics = Metrics(getattr(gateway, "events", None), reactor, gateway.queue, queue_interval)
+        elif metrics.queue is None:
+            metrics.queue = gateway.queue
+        self.metrics = metrics
+        self.metrics.declare_listeners(listener.name for listener in config.listeners)
+        self.alerts = Alerts(config.alerts, reactor, self.metrics, gateway.queue, spawn=spawn)
+        self.port = None
+        self._listening = None
+
+    def health(self):
+        return health_problems(self.gateway, self.reactor)
+
+    def startService(self):
+        service.Service.startService(self)
+        self.alerts.start()
+        endpoint_text = self.config.metrics.endpoint
+        if not endpoint_text:
+            return None
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, endpoint_text)
+        except (ValueError, TypeError) as e:
+            self._stop_checks()
+            raise ConfigError(self.config.path, "metrics", "endpoint",
+                              "invalid endpoint %r: %s" % (endpoint_text, e))
+        errors = []
+        d = self._listening = endpoint.listen(make_site(self.metrics, self.health))
+
+        def listening(port):
+            self.port = port
+            self._start_refresh()
+            address = port.getHost()
+            log.info("metrics listening on {address}", address="%s:%s" % (
+                getattr(address, "host", getattr(address, "name", address)), getattr(address, "port", "")))
+            return port
+
+        def failed(failure):
+            error = ConfigError(self.config.path, "metrics", "endpoint", "cannot listen on %s: %s"
+                                % (endpoint_text, failure.getErrorMessage()))
+            errors.append(error)
+            log.critical("{error}", error=str(error))
+
+        d.addCallbacks(listening, failed)
+        if errors:  # TCP and UNIX endpoints fail synchronously: report it now, like the listeners
+            self._stop_checks()
+            service.Service.stopService(self)
+            raise errors[0]
+        return d
+
+    def _start_refresh(self):
+        """Refresh the queue gauges from now on, or once queue recovery is over (it makes the spool)."""
+        ready = getattr(self.gateway, "ready", None)
+        if isinstance(ready, defer.Deferred) and not ready.called:
+            def recovered(result):
+                if self.running and self.port is not None:
+                    self.metrics.start()
+                return result
+
+            ready.addBoth(recovered)
+        else:
+            self.metrics.start()
+
+    def _stop_checks(self):
+        self.alerts.stop()
+        self.metrics.stop()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self._stop_checks()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None

@@ -1,0 +1,1 @@
+"""Receiving: the SMTP listeners (protocol, DATA framing, SASL, policy, addresses)."""

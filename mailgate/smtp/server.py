@@ -1,0 +1,747 @@
+"""
+The SMTP listener: twisted.mail.smtp.ESMTP with its command loop replaced.
+
+Stock ESMTP runs pipelined commands out of order when checks are asynchronous, lets plaintext sent
+before STARTTLS run inside TLS, buffers without bound and leaves DATA on an over-long line
+(../shared/twisted-mail-notes.md, S1-S15).  This protocol keeps ESMTP's identity (and works with
+its factory conventions) but owns framing: commands are taken one at a time, strictly in order,
+input waits while a check is pending, every buffer is bounded, and DATA is scanned in bulk by
+mailgate.smtp.datascan.  Every answer is a mailgate.envelope.Reply with an enhanced status code.
+"""
+
+import base64
+import binascii
+import datetime
+import email.utils
+import secrets
+
+import attr
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from mailgate.smtp import address
+
+from mailgate.smtp import policy
+from mailgate.smtp.datascan import DataScanner
+from mailgate.envelope import Envelope, Reply
+from mailgate.errors import ReplyError
+from mailgate.events import message_id
+from mailgate.session import Session
+
+log = Logger()
+
+MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+MAX_AUTH_LINE = 12288  # AUTH with an initial response, and SASL responses (RFC 4954 4)
+MAX_PARTIAL_LINE = 16384  # bytes without CRLF before we give up on the client
+MAX_PENDING = 65536  # buffered input while a check runs, before we stop reading
+
+# Only these verbs run; ESMTP's own do_* and ext_* methods are never reachable by name.
+COMMANDS = frozenset("EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY EXPN HELP QUIT".split())
+
+R = Reply
+OK = R(250, "2.0.0", "Ok")
+TLS_FIRST = R(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_FIRST = R(530, "5.7.0", "Authentication required")
+BAD_SEQUENCE_HELO = R(503, "5.5.1", "Send EHLO/HELO first")
+NEED_MAIL = R(503, "5.5.1", "Need MAIL command")
+NESTED_MAIL = R(503, "5.5.1", "Nested MAIL command")
+NO_RCPT = R(554, "5.5.1", "No valid recipients")
+TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
+TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed limit")
+BARE_NEWLINE = R(550, "5.6.0", "Message contains bare CR or LF characters")
+LONG_LINE = R(554, "5.6.0", "Message contains a line longer than 998 characters")
+LINE_TOO_LONG = R(500, "5.5.2", "Line too long")
+BAD_CHAR = R(501, "5.5.4", "Invalid character in command")
+UNKNOWN = R(500, "5.5.2", "Command not recognized")
+TEMP_FAIL = R(451, "4.3.0", "Temporary failure, please try again later")
+AUTH_OK = R(235, "2.7.0", "Authentication successful")
+AUTH_BAD = R(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEEDS_TLS = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_TEMP = R(454, "4.7.0", "Temporary authentication failure")
+
+
+def _now_rfc5322(ts):
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
+
+
+class SMTPServer(smtp.ESMTP):
+    """One SMTP session on a listener.  All policy comes from the factory's config objects."""
+
+    def __init__(self, factory):
+        smtp.ESMTP.__init__(self, {}, None)
+        self.factory = factory
+        self.listener = factory.listener
+        self.limits = factory.listener.limits
+        self.hostname = factory.gateway.hostname
+        self.host = self.hostname  # ESMTP's own attribute (bytes); mailgate uses hostname
+        self.clock = factory.clock
+        self._buffer = b""
+        self._busy = False
+        self._paused = False
+        self._closed = False
+        self._scanner = None
+        self._sasl = None  # a generator waiting for the next SASL response line
+        self._timers = {}
+        self.errors = 0
+        self.auth_failures = 0
+        self.helo = None
+        self.esmtp = False
+        self.tls = factory.listener.tls == "implicit"
+        self.user = None
+        self.session = None
+        self._reset_transaction()
+
+    # -- session facts (read by hooks and, later, filters) -----------------------------------
+
+    @property
+    def client_ip(self):
+        return getattr(self.transport.getPeer(), "host", "")
+
+    @property
+    def client_port(self):
+        return getattr(self.transport.getPeer(), "port", 0)
+
+    @property
+    def listener_name(self):
+        return self.listener.name
+
+    def tls_info(self):
+        """(version, cipher) of this session's TLS, or (None, None)."""
+        from mailgate.tls import tls_session_info
+
+        return tls_session_info(self.transport) if self.tls else (None, None)
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _protocol_event(self, event, data=""):
+        events = self.factory.events
+        if events is None:
+            return
+        events.emit("protocol", session=self.session.id, listener=self.listener.name,
+                    direction="in", event=event, data=data, local=self._local, remote=self._remote)
+
+    def _track(self, event, **fields):
+        if self.factory.events is not None:
+            self.factory.events.track(event, listener=self.listener.name, client=self.client_ip,
+                                      session=self.session.id, user=self.session.user, **fields)
+
+    def connectionMade(self):
+        self.session = Session(self, secrets.token_hex(6))
+        # Kept now: a TLS transport cannot tell its addresses any more once it is closed.
+        local, peer = self.transport.getHost(), self.transport.getPeer()
+        self._local = "%s:%s" % (getattr(local, "host", ""), getattr(local, "port", ""))
+        self._remote = "%s:%s" % (getattr(peer, "host", ""), getattr(peer, "port", ""))
+        self._protocol_event("connect")
+        self._arm("session", self.limits.session_timeout, "session time limit exceeded")
+        if not policy.client_allowed(self.listener, self.client_ip):
+            log.info("refused {client} on {listener}: not in allowed_ips",
+                     client=self.client_ip, listener=self.listener.name)
+            self._close(policy.denied_banner_reply(self.hostname))
+            return
+        log.debug("connect {client} on {listener}", client=self.client_ip, listener=self.listener.name)
+        d = self.factory.gate.wait()
+        d.addCallback(lambda _: self._hook("on_connect"))
+        d.addCallbacks(self._connected, self._unavailable)
+        self._busy_with(d)
+
+    def _unavailable(self, failure):
+        log.failure("refusing session from {client}", failure, client=self.client_ip)
+        self._close(R(421, "4.3.0", "%s Service not available, try again later" % (self.hostname,)))
+
+    def _connected(self, reply):
+        if reply is not None and not reply.is_positive:
+            if reply.is_temporary and reply.code != 421:
+                # RFC 5321 3.1: the only temporary greeting is 421 (then close).
+                reply = R(421, reply.status, "%s %s" % (self.hostname, reply.text))
+            self._close(reply)
+        else:
+            self._reply(policy.banner_reply(self.hostname))
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        if self.session is not None:
+            self._protocol_event("disconnect")
+        self._closed = True
+        self._scanner = None
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+
+    # -- framing ------------------------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._closed:
+            return
+        if self._scanner is not None:
+            self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+        self._buffer += data
+        self._process()
+
+    def _process(self):
+        while not self._busy and not self._closed and self._buffer:
+            if self._scanner is not None:
+                rest = self._scanner.feed(self._buffer)
+                self._buffer = b""
+                if rest is None:
+                    return
+                self._buffer = rest
+                self._busy_with(self._end_of_data())
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_PARTIAL_LINE:
+                    self._buffer = b""
+                    self._close(LINE_TOO_LONG)
+                return
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+            self._busy_with(self._line(line))
+        if self._busy:
+            if len(self._buffer) > MAX_PENDING and not self._paused:
+                # A check is pending and the client keeps sending: stop reading until it is done.
+                self._paused = True
+                self.transport.pauseProducing()
+        elif not self._closed:
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            self._idle()
+
+    def _busy_with(self, result):
+        """result is None (the command was answered) or a Deferred (answer comes later)."""
+        if not isinstance(result, defer.Deferred):
+            return
+        self._busy = True
+        self._disarm("idle")
+        result.addErrback(self._unexpected)
+        result.addBoth(self._done)
+
+    def _done(self, _):
+        self._busy = False
+        if not self._closed:
+            self._process()
+
+    def _unexpected(self, failure):
+        log.failure("unexpected error in session with {client}", failure, client=self.client_ip)
+        self._reply(TEMP_FAIL)
+
+    def _idle(self):
+        if self._scanner is None:
+            self._arm("idle", self.limits.command_timeout, "command timeout exceeded")
+
+    # -- timers (from the injected clock) -----------------------------------------------------
+
+    def _arm(self, name, seconds, why):
+        self._disarm(name)
+        self._timers[name] = self.clock.callLater(seconds, self._timed_out, why)
+
+    def _disarm(self, name):
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _timed_out(self, why):
+        if self._closed:
+            return
+        log.info("{why} for {client} on {listener}", why=why, client=self.client_ip,
+                 listener=self.listener.name)
+        self._close(R(421, "4.4.2", "%s Error: %s" % (self.hostname, why)))
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _reply(self, reply):
+        if self._closed:
+            return
+        lines = reply.lines()
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        if self.factory.events is not None:
+            self._protocol_event("reply", b"\n".join(lines).decode("utf-8", "replace"))
+        if self._stage is not None and reply.code >= 400:
+            # Every refused MAIL, RCPT or message is a step in message tracking, naming the
+            # address that was refused (the sender at MAIL, the recipient at RCPT).
+            sender = str(self.sender) if self.sender is not None else self._attempt
+            recipients = [self._attempt] if self._stage == "RCPT" and self._attempt else \
+                [str(r) for r in self.recipients]
+            self._track("REJECT", stage=self._stage, reply=str(reply), sender=sender,
+                        recipients=recipients)
+
+    def _error(self, reply, counts=True):
+        """Answer with a failure reply; too many of them end the session."""
+        self._reply(reply)
+        if counts:
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                self._stage = None  # the closing 421 is not a second rejection of this command
+                self._close(R(421, "4.7.0", "%s Error: too many errors" % (self.hostname,)))
+
+    def _answer(self, reply):
+        if reply.is_positive:
+            self._reply(reply)
+        else:
+            self._error(reply, counts=reply.code != 452)
+
+    def _close(self, reply=None):
+        if reply is not None:
+            self._reply(reply)
+        self._closed = True
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    # -- commands ----------------------------------------------------------------------------
+
+    _stage = None  # "MAIL", "RCPT" or "DATA" while such a command is being answered
+    _attempt = None  # the address given to that MAIL or RCPT, once parsed
+    _tls_reported = False
+
+    def _line(self, line):
+        self._stage = None
+        self._attempt = None
+        if self.factory.events is not None:
+            self._report_command(line)
+        limit = MAX_AUTH_LINE if self._sasl is not None or line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            return self._error(LINE_TOO_LONG)
+        if self._sasl is not None:
+            return self._sasl_step(line)
+        if any(b < 32 or b == 127 for b in line):
+            return self._error(BAD_CHAR)
+        text = line.decode("latin-1")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        if verb not in COMMANDS:
+            return self._error(UNKNOWN)
+        if verb in ("MAIL", "RCPT", "DATA"):
+            self._stage = verb
+        handler = getattr(self, "do_" + verb)
+        try:
+            return handler(arg.strip(" "))
+        except ReplyError as e:
+            return self._answer(e.reply)
+
+    def _report_command(self, line):
+        if self.tls and not self._tls_reported:
+            # The handshake is complete once a command arrives over it.
+            self._tls_reported = True
+            version, cipher = self.tls_info()
+            self._protocol_event("tls", "%s %s" % (version, cipher))
+        if self._sasl is not None:
+            text = "****"  # a SASL response: credentials
+        else:
+            text = line[:MAX_AUTH_LINE].decode("latin-1")
+            if text[:5].upper() == "AUTH ":
+                parts = text.split(" ")
+                text = " ".join(parts[:2] + ["****"] * (len(parts) > 2))
+        self._protocol_event("command", text)
+
+    def _hook(self, name, *args):
+        """The seam the filter chain plugs into: None (go on) or a Reply, maybe in a Deferred."""
+        hooks = self.factory.hooks
+        if hooks is None or not hasattr(hooks, name):
+            return defer.succeed(None)
+        return defer.maybeDeferred(getattr(hooks, name), self.session, *args)
+
+    def _then(self, d, on_ok):
+        """Continue with on_ok() unless the hook answered with a failure reply."""
+
+        def decide(reply):
+            if reply is not None and not reply.is_positive:
+                return self._answer(reply)
+            return on_ok()
+
+        return d.addCallback(decide)
+
+    def do_EHLO(self, arg, esmtp=True):
+        helo = address.parse_helo(arg)
+        self._reset_transaction()
+        self.helo, self.esmtp = helo, esmtp
+
+        def greet():
+            if not esmtp:
+                return self._reply(R(250, "", self.hostname))
+            lines = [self.hostname, "PIPELINING", "SIZE %d" % self.listener.max_message_size,
+                     "8BITMIME", "ENHANCEDSTATUSCODES"]
+            if self.listener.tls in ("optional", "required") and not self.tls:
+                lines.append("STARTTLS")
+            if self.tls and self.listener.auth != "none" and self.factory.auth is not None:
+                lines.append("AUTH PLAIN LOGIN")
+            self._reply(R(250, "", "\n".join(lines)))
+
+        return self._then(self._hook("on_helo"), greet)
+
+    def do_HELO(self, arg):
+        return self.do_EHLO(arg, esmtp=False)
+
+    def do_STARTTLS(self, arg):
+        if arg:
+            return self._error(R(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.tls:
+            return self._error(R(503, "5.5.1", "TLS already active"))
+        if self.listener.tls not in ("optional", "required") or self.factory.tls is None:
+            return self._error(R(502, "5.5.1", "STARTTLS not available"))
+        self._reply(R(220, "2.0.0", "Ready to start TLS"))
+        if self._buffer:
+            # Anything sent after STARTTLS but before the handshake was sent in plaintext and
+            # would run inside TLS (CVE-2011-0411): drop it.
+            log.warn("discarded {n} bytes pipelined after STARTTLS from {client}",
+                     n=len(self._buffer), client=self.client_ip)
+            self._buffer = b""
+        self.transport.startTLS(self.factory.tls)
+        self.tls = True
+        self._tls_reported = False
+        # Nothing learnt before TLS is trusted after it (RFC 3207 4.2).
+        self.helo = None
+        self.esmtp = False
+        self.user = None
+        self._reset_transaction()
+
+    def _tls_missing(self):
+        return self.listener.tls == "required" and not self.tls
+
+    def do_AUTH(self, arg):
+        if self._tls_missing():
+            return self._error(TLS_FIRST)
+        if self.listener.auth == "none" or self.factory.auth is None:
+            return self._error(R(503, "5.5.1", "Authentication not enabled"))
+        if not self.tls:
+            return self._error(AUTH_NEEDS_TLS)
+        if self.helo is None or not self.esmtp:
+            return self._error(R(503, "5.5.1", "Send EHLO first"))
+        if self.user is not None:
+            return self._error(R(503, "5.5.1", "Already authenticated"))
+        if self.sender is not None:
+            return self._error(R(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            steps = self._sasl_plain(initial or None)
+        elif mechanism == "LOGIN":
+            steps = self._sasl_login(initial or None)
+        else:
+            return self._error(R(504, "5.5.4", "Unrecognized authentication type"))
+        self._sasl = steps
+        return self._sasl_advance(None)
+
+    def _sasl_step(self, line):
+        if line == b"*":
+            self._sasl = None
+            return self._error(R(501, "5.7.0", "Authentication cancelled"))
+        try:
+            decoded = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            return self._error(R(501, "5.5.2", "Cannot decode response"))
+        return self._sasl_advance(decoded)
+
+    def _sasl_advance(self, value):
+        """Feed the SASL generator; it yields a challenge (str) or the (user, password) pair."""
+        try:
+            step = self._sasl.send(value)
+        except ReplyError as e:
+            self._sasl = None
+            return self._error(e.reply)
+        if isinstance(step, str):
+            return self._reply(R(334, "", step))
+        self._sasl = None
+        return self._check_credentials(*step)
+
+    @staticmethod
+    def _initial(initial):
+        if initial is None:
+            return None
+        if initial == "=":
+            return b""
+        try:
+            return base64.b64decode(initial.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise ReplyError(R(501, "5.5.2", "Cannot decode response"))
+
+    def _sasl_plain(self, initial):
+        value = self._initial(initial)
+        if value is None:
+            value = yield ""
+        parts = value.split(b"\x00")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            raise ReplyError(AUTH_BAD)
+        yield (parts[1], parts[2])
+
+    def _sasl_login(self, initial):
+        username = self._initial(initial)
+        if username is None:
+            username = yield "VXNlcm5hbWU6"
+        password = yield "UGFzc3dvcmQ6"
+        yield (username, password)
+
+    def _check_credentials(self, username, password):
+        try:
+            username, password = username.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._auth_failed(username.decode("latin-1", "replace"))
+        d = defer.maybeDeferred(self.factory.auth.authenticate, username, password)
+
+        def checked(user):
+            if user is None:
+                return self._auth_failed(username)
+            self.user = user
+            log.info("authenticated {user} from {client}", user=username, client=self.client_ip)
+            self._reply(AUTH_OK)
+
+        def broken(failure):
+            log.failure("authentication backend failed", failure)
+            self._error(AUTH_TEMP)
+
+        return d.addCallbacks(checked, broken)
+
+    def _auth_failed(self, username):
+        self.auth_failures += 1
+        self._track("AUTH_FAIL", user_attempted=username)
+        log.info("authentication failed for {user} from {client}", user=username, client=self.client_ip)
+        self._reply(AUTH_BAD)
+        if self.auth_failures >= self.limits.max_auth_failures:
+            self._close(R(421, "4.7.0", "%s Error: too many authentication failures" % (self.hostname,)))
+
+    def do_MAIL(self, arg):
+        if self._tls_missing():
+            return self._error(TLS_FIRST)
+        if self.helo is None:
+            return self._error(BAD_SEQUENCE_HELO)
+        if self.sender is not None:
+            return self._error(NESTED_MAIL)
+        if self.listener.auth == "required" and self.user is None:
+            return self._error(AUTH_FIRST)
+        sender, params = address.parse_mail(arg)
+        self._attempt = str(sender)
+        if params.get("SIZE", 0) > self.listener.max_message_size:
+            return self._error(TOO_BIG)
+        refused = policy.sender_reply(self.user, sender)
+        if refused is not None:
+            return self._answer(refused)
+
+        def accept():
+            self.sender = sender
+            self.body_type = params.get("BODY", "7BIT").upper()
+            self._reply(R(250, "2.1.0", "Ok"))
+
+        return self._then(self._hook("on_mail", sender), accept)
+
+    def do_RCPT(self, arg):
+        if self._tls_missing():
+            return self._error(TLS_FIRST)
+        if self.sender is None:
+            return self._error(NEED_MAIL)
+        recipient, _params = address.parse_rcpt(arg)
+        self._attempt = str(recipient)
+        if len(self.recipients) >= self.listener.max_recipients:
+            return self._answer(TOO_MANY_RCPTS)
+        refused = policy.recipient_reply(self.listener, self.factory.gateway, self.client_ip,
+                                         self.user is not None, recipient)
+        if refused is not None:
+            return self._answer(refused)
+        rcpt = str(recipient) if recipient.domain else "postmaster@" + self._postmaster_domain()
+
+        def accept():
+            if rcpt not in self.recipients:
+                self.recipients.append(rcpt)
+            self._reply(R(250, "2.1.5", "Ok"))
+
+        return self._then(self._hook("on_rcpt", recipient), accept)
+
+    def _postmaster_domain(self):
+        domains = self.factory.gateway.accepted_domains
+        return domains[0] if domains else self.hostname
+
+    def do_DATA(self, arg):
+        if self._tls_missing():
+            return self._error(TLS_FIRST)
+        if arg:
+            return self._error(R(501, "5.5.4", "Syntax: DATA"))
+        if self.sender is None:
+            return self._error(NEED_MAIL)
+        if not self.recipients:
+            return self._error(NO_RCPT)
+        self._scanner = DataScanner(self.listener.max_message_size)
+        self._disarm("idle")
+        self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+        self._reply(R(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    def _end_of_data(self):
+        self._stage = "DATA"
+        self._data_done_at = self.clock.seconds()
+        scanner, self._scanner = self._scanner, None
+        self._disarm("idle")
+        reply = None
+        if scanner.too_big:
+            reply = TOO_BIG
+        elif scanner.bare_newline:
+            reply = BARE_NEWLINE
+        elif scanner.line_too_long:
+            reply = LONG_LINE
+        if reply is not None:
+            log.info("rejected message from {client}: {reply}", client=self.client_ip, reply=str(reply))
+            self._error(reply)  # reported while the transaction still names its recipients
+            self._reset_transaction()
+            return None
+        envelope = self._envelope(scanner.size)
+        message = scanner.message()
+        d = self._hook("on_data", envelope, message)
+        d.addCallback(self._queue, envelope, message)
+        d.addErrback(self._queue_failed, envelope)
+        d.addBoth(self._after_message)
+        return d
+
+    def _queue(self, result, envelope, message):
+        """result: None (queue as is), a failure Reply, or a DataResult from the filter chain."""
+        if isinstance(result, Reply):
+            if not result.is_positive:
+                return self._answer(result)
+            result = None
+        state = "active"
+        if result is not None:
+            message, state = result.data, result.state
+            envelope = attr.evolve(envelope, verdicts=result.verdicts)
+        data = self._received_header(envelope) + message
+        envelope = attr.evolve(envelope, size=len(data))
+        d = self.factory.queue.enqueue(envelope, data, state)
+
+        def queued(queue_id):
+            self._stage = None  # the 250 is not a rejection
+            fields = dict(queue_id=queue_id, message_id=message_id(message), sender=envelope.sender,
+                          recipients=list(envelope.recipients), size=envelope.size,
+                          verdicts=[list(v) for v in envelope.verdicts], tls=envelope.tls_version,
+                          latency=self.clock.seconds() - self._data_done_at)
+            self._track("RECEIVE", **fields)
+            if state == "quarantine":
+                self._track("QUARANTINE", reason=result.reason if result is not None else None, **fields)
+            log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client} "
+                     "state={state}", queue_id=queue_id, sender=envelope.sender,
+                     nrcpt=len(envelope.recipients), size=envelope.size, client=envelope.client_ip,
+                     state=state, session=self.session.id)
+            self._reply(R(250, "2.0.0", "Ok: queued as %s" % (queue_id,)))
+
+        return d.addCallback(queued)
+
+    def _queue_failed(self, failure, envelope):
+        log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
+        self._error(TEMP_FAIL)
+
+    def _after_message(self, result):
+        self._reset_transaction()
+        return result
+
+    def _envelope(self, size):
+        version, cipher = self.tls_info()
+        return Envelope(
+            queue_id=self.factory.new_queue_id(), sender=str(self.sender),
+            recipients=tuple(self.recipients), client_ip=self.client_ip,
+            client_port=self.client_port, helo=self.helo, listener=self.listener.name,
+            user=self.user.name if self.user is not None else None,
+            tls_version=version, tls_cipher=cipher, protocol=self._protocol_name(),
+            received_at=self.clock.seconds(), size=size, body=self.body_type)
+
+    def _protocol_name(self):
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.user is not None else "")
+
+    def _received_header(self, envelope):
+        """RFC 5321 4.4 trace header, built only from validated values."""
+        ip = envelope.client_ip
+        literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
+        lines = ["Received: from %s (%s)" % (envelope.helo, literal)]
+        if envelope.tls_version:
+            lines.append("\t(using %s with cipher %s)" % (envelope.tls_version, envelope.tls_cipher))
+        lines.append("\tby %s (mailgate) with %s id %s" % (self.hostname, envelope.protocol, envelope.queue_id))
+        when = _now_rfc5322(envelope.received_at)
+        if len(envelope.recipients) == 1:
+            lines.append("\tfor <%s>; %s" % (envelope.recipients[0], when))
+        else:
+            lines[-1] += ";"
+            lines.append("\t" + when)
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def do_RSET(self, arg):
+        self._reset_transaction()
+        self._reply(OK)
+
+    def do_NOOP(self, arg):
+        self._reply(OK)
+
+    def do_VRFY(self, arg):
+        self._reply(R(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def do_EXPN(self, arg):
+        self._error(R(502, "5.5.1", "EXPN not available"))
+
+    def do_HELP(self, arg):
+        self._reply(R(214, "2.0.0", "mailgate: see RFC 5321"))
+
+    def do_QUIT(self, arg):
+        self._close(R(221, "2.0.0", "Bye"))
+
+    def _reset_transaction(self):
+        self.sender = None
+        self.recipients = []
+        self.body_type = "7BIT"
+        if self.session is not None:
+            self.session.transaction.clear()
+
+
+class Gate:
+    """Holds sessions back (before their banner) until the gateway is ready, or fails them all."""
+
+    def __init__(self, is_open=True):
+        self._open = is_open
+        self._failure = None
+        self._waiting = []
+
+    def wait(self):
+        if self._open:
+            return defer.succeed(None)
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def open(self):
+        self._open = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def fail(self, failure):
+        self._failure = failure
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """
+    Builds sessions for one listener.  Everything a session needs comes in here: no globals.
+
+    hooks is the seam for the filter chain: an object with any of on_connect(session),
+    on_helo(session), on_mail(session, sender), on_rcpt(session, recipient),
+    on_data(session, envelope, message), each returning None or a Reply (or a Deferred of one);
+    on_data may also return a mailgate.verdict.DataResult (the bytes to queue and their state).
+    session is a mailgate.session.Session; message excludes our Received header.
+    """
+
+    protocol = SMTPServer
+    noisy = False  # mailgate logs its own listener events
+
+    def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
+                 events=None):
+        self.listener = listener
+        self.gateway = gateway
+        self.clock = clock
+        self.queue = queue
+        self.new_queue_id = new_queue_id
+        self.auth = auth
+        self.tls = tls
+        self.hooks = hooks
+        self.events = events  # a mailgate.events.EventBus, or None
+        self.gate = Gate()
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self)
+        return p

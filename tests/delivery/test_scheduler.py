@@ -1,0 +1,310 @@
+"""
+The delivery scheduler on a real spool (synchronous disk runner), a fake router and deliverer,
+and an injected clock: retries, expiry, bounces, delay warnings, crash recovery, concurrency.
+"""
+
+import email
+import email.policy
+
+import attr
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mailgate.config import DeliveryConfig, GatewayConfig, RouteConfig
+from mailgate.envelope import Envelope, Hop, RecipientResult
+from mailgate.errors import RoutingError
+from mailgate.queue import Spool
+from mailgate.delivery.scheduler import DeliveryService, MessageState, retry_delay
+
+MX_ROUTE = RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True)
+SMART = RouteConfig(name="internal", domains=("example.com",), smarthosts=(("127.0.0.1", 2526),))
+BODY = b"From: a@sender.example\r\nSubject: test\r\n\r\nhello\r\n"
+
+
+def sync(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+class FakeRouter:
+    def __init__(self):
+        self.errors = {}
+
+    def route_for(self, domain):
+        if domain == "noroute.example":
+            return None
+        return SMART if domain == "example.com" else MX_ROUTE
+
+    def hops(self, route, domain):
+        if domain in self.errors:
+            return defer.fail(self.errors[domain])
+        return defer.succeed([Hop("mx." + domain, "127.0.0.1", 25)])
+
+
+class FakeDeliverer:
+    """Answers per recipient from `replies` (default delivered); hold=True keeps attempts pending."""
+
+    def __init__(self):
+        self.replies = {}
+        self.calls = []
+        self.hold = False
+        self.pending = []
+
+    def deliver(self, route, hops, sender, recipients, data):
+        self.calls.append((route.name, sender, tuple(recipients), data))
+        results = []
+        for rcpt in recipients:
+            code, status = self.replies.get(rcpt, (250, "2.0.0"))
+            outcome = "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
+            results.append(RecipientResult(rcpt, outcome, code, status, "reply %d" % code, hops[0],
+                                           session="out%d" % len(self.calls)))
+        if self.hold:
+            d = defer.Deferred()
+            self.pending.append((d, results))
+            return d
+        return defer.succeed(results)
+
+    def release_one(self):
+        d, results = self.pending.pop(0)
+        d.callback(results)
+
+
+class FakeSigner:
+    def __init__(self):
+        self.calls = 0
+
+    def sign(self, data):
+        self.calls += 1
+        return defer.succeed(b"DKIM-Signature: v=1; d=sender.example; b=fake\r\n")
+
+
+@attr.s
+class FakeConfig:
+    delivery = attr.ib()
+    gateway = attr.ib(default=GatewayConfig(hostname="mx.example.net"))
+
+
+class SchedulerTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.spool = Spool(self.mktemp(), self.clock, run_in_thread=sync)
+        self.successResultOf(self.spool.recover())
+        self.router = FakeRouter()
+        self.deliverer = FakeDeliverer()
+        self.signer = FakeSigner()
+        self.ids = iter("DSN%04d" % i for i in range(1000))
+        self.service = self.make_service()
+
+    def make_service(self, **delivery):
+        from mailgate.events import EventBus
+
+        values = dict(retry=(60.0, 300.0), max_lifetime=3600.0, delay_warning=0.0)
+        values.update(delivery)
+        self.events = []
+        bus = EventBus(self.clock)
+        bus.subscribe(lambda kind, fields: self.events.append(dict(fields)))
+        service = DeliveryService(self.spool, self.router, self.deliverer,
+                                  FakeConfig(DeliveryConfig(**values)), self.clock,
+                                  lambda: next(self.ids), signer=self.signer, events=bus)
+        return service
+
+    def tracked(self, event):
+        return [e for e in self.events if e["event"] == event]
+
+    def start(self):
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def queue(self, qid="Q1", sender="a@sender.example", rcpts=("u@remote.example",)):
+        envelope = Envelope(queue_id=qid, sender=sender, recipients=rcpts, client_ip="192.0.2.1",
+                            received_at=self.clock.seconds())
+        self.successResultOf(self.spool.enqueue(envelope, BODY))
+
+    def entries(self, state=None):
+        return {e.queue_id: s for s, e in self.successResultOf(self.spool.list(state))}
+
+    def state(self, qid):
+        raw = self.successResultOf(self.spool.load_state(qid))
+        return MessageState.from_bytes(raw, None)
+
+    def test_retry_delay_repeats_last(self):
+        schedule = (60.0, 300.0, 900.0)
+        self.assertEqual([retry_delay(schedule, n) for n in (1, 2, 3, 4, 9)],
+                         [60.0, 300.0, 900.0, 900.0, 900.0])
+
+    def test_accepted_message_is_delivered_at_once_and_removed(self):
+        self.start()
+        self.queue(rcpts=("u@remote.example", "v@remote.example", "w@example.com"))
+        # Two destinations: the MX route for remote.example and the smarthost route.
+        routes = sorted((c[0], c[2]) for c in self.deliverer.calls)
+        self.assertEqual(routes, [("internal", ("w@example.com",)),
+                                  ("internet", ("u@remote.example", "v@remote.example"))])
+        self.assertEqual(self.entries(), {})
+
+    def test_dkim_signature_prepended_on_mx_route_and_made_once(self):
+        self.start()
+        self.deliverer.replies["u@remote.example"] = (451, "4.3.0")
+        self.queue()
+        self.clock.advance(60)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        for _, _, _, data in self.deliverer.calls:
+            self.assertTrue(data.startswith(b"DKIM-Signature: v=1; d=sender.example; b=fake\r\n" + BODY[:5]))
+        self.assertEqual(self.signer.calls, 1)
+
+    def test_smarthost_route_without_dkim_sign_is_not_signed(self):
+        self.start()
+        self.queue(rcpts=("w@example.com",))
+        self.assertEqual(self.deliverer.calls[0][3], BODY)
+        self.assertEqual(self.signer.calls, 0)
+
+    def test_temporary_failure_is_retried_on_schedule_until_delivered(self):
+        self.start()
+        self.deliverer.replies["u@remote.example"] = (451, "4.3.0")
+        self.queue()
+        self.assertEqual(self.entries(), {"Q1": "deferred"})
+        self.assertEqual(self.state("Q1").recipients["u@remote.example"]["outcome"], "deferred")
+        self.clock.advance(59)
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.clock.advance(299)
+        self.assertEqual(len(self.deliverer.calls), 2)
+        self.clock.advance(1)
+        self.assertEqual(len(self.deliverer.calls), 3)
+        self.clock.advance(300)  # the last interval repeats
+        self.assertEqual(len(self.deliverer.calls), 4)
+        del self.deliverer.replies["u@remote.example"]
+        self.clock.advance(300)
+        self.assertEqual(len(self.deliverer.calls), 5)
+        self.assertEqual(self.entries(), {})
+
+    def test_one_of_three_bounced_gets_one_dsn_and_the_rest_delivered(self):
+        self.start()
+        self.deliverer.replies["b@remote.example"] = (550, "5.1.1")
+        self.queue(rcpts=("a@remote.example", "b@remote.example", "c@remote.example"))
+        dsn_calls = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(len(dsn_calls), 1)
+        route, sender, rcpts, data = dsn_calls[0]
+        self.assertEqual(rcpts, ("a@sender.example",))
+        dsn = email.message_from_bytes(data, policy=email.policy.default)
+        self.assertEqual(dsn.get_content_type(), "multipart/report")
+        self.assertIn("b@remote.example", data.decode())
+        self.assertNotIn("Final-Recipient: rfc822; a@remote.example", data.decode())
+        self.assertEqual(self.entries(), {})
+
+    def test_no_dsn_for_null_sender(self):
+        self.start()
+        self.deliverer.replies["b@remote.example"] = (550, "5.1.1")
+        self.queue(sender="", rcpts=("b@remote.example",))
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.assertEqual(self.entries(), {})
+
+    def test_expiry_bounces_with_4_4_7(self):
+        self.start()
+        self.deliverer.replies["u@remote.example"] = (451, "4.3.0")
+        self.queue()
+        for _ in range(61):
+            self.clock.advance(60)
+        self.assertEqual(self.entries(), {})
+        dsn = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(len(dsn), 1)
+        text = dsn[0][3].decode()
+        self.assertIn("Status: 4.4.7", text)
+        self.assertIn("Action: failed", text)
+        # Expiry happens at max_lifetime, not at the next retry slot after it.
+        attempts = [c for c in self.deliverer.calls if c[1] != ""]
+        self.assertEqual(len(attempts), 1 + 1 + 11)  # 0, 60, 360, 660, ... 3360; expired at 3600
+
+    def test_delay_warning_sent_once(self):
+        self.service = self.make_service(delay_warning=300.0)
+        self.start()
+        self.deliverer.replies["u@remote.example"] = (451, "4.3.0")
+        self.queue()
+        for _ in range(6):
+            self.clock.advance(300)
+        dsn = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(len(dsn), 1)
+        self.assertIn("Action: delayed", dsn[0][3].decode())
+        self.assertTrue(self.state("Q1").delay_warned)
+
+    def test_no_route_bounces(self):
+        self.start()
+        self.queue(rcpts=("x@noroute.example",))
+        dsn = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertIn("Status: 5.4.4", dsn[0][3].decode())
+
+    def test_permanent_routing_error_bounces_temporary_defers(self):
+        self.start()
+        self.router.errors["nullmx.example"] = RoutingError("5.1.10", "null MX", permanent=True)
+        self.router.errors["dnsdown.example"] = RoutingError("4.4.3", "DNS timeout", permanent=False)
+        self.queue(rcpts=("x@nullmx.example", "y@dnsdown.example"))
+        self.assertEqual(self.entries(), {"Q1": "deferred"})
+        state = self.state("Q1")
+        self.assertEqual(state.recipients["x@nullmx.example"]["status"], "5.1.10")
+        self.assertEqual(state.recipients["x@nullmx.example"]["outcome"], "bounced")
+        self.assertEqual(state.recipients["y@dnsdown.example"]["outcome"], "deferred")
+        dsn = [c for c in self.deliverer.calls if c[1] == ""]
+        self.assertEqual(len(dsn), 1)
+        self.assertIn("Status: 5.1.10", dsn[0][3].decode())
+
+    def test_restart_delivers_only_what_was_not_recorded(self):
+        # A crash after one recipient's outcome was saved: the new service sends only the other.
+        self.queue(rcpts=("a@remote.example", "b@example.com"))
+        msg = MessageState.new(Envelope("Q1", "a@sender.example", ("a@remote.example", "b@example.com"), ""))
+        msg.record(RecipientResult("a@remote.example", "delivered", 250, "2.0.0", "ok"), 0)
+        self.successResultOf(self.spool.save_state("Q1", msg.to_bytes()))
+        self.start()
+        self.assertEqual([c[2] for c in self.deliverer.calls], [("b@example.com",)])
+        self.assertEqual(self.entries(), {})
+
+    def test_per_destination_concurrency(self):
+        self.service = self.make_service(per_destination_concurrency=2, concurrency=10)
+        self.deliverer.hold = True
+        self.start()
+        for i in range(5):
+            self.queue("Q%d" % i)
+        self.assertEqual(len(self.deliverer.pending), 2)
+        self.deliverer.release_one()
+        self.assertEqual(len(self.deliverer.pending), 2)
+        self.assertEqual(len(self.deliverer.calls), 3)
+
+    def test_global_concurrency(self):
+        self.service = self.make_service(per_destination_concurrency=5, concurrency=3)
+        self.deliverer.hold = True
+        self.start()
+        for i in range(5):
+            self.queue("Q%d" % i, rcpts=("u@d%d.example" % i,))
+        self.assertEqual(len(self.deliverer.pending), 3)
+
+    def test_held_and_quarantined_messages_are_not_delivered(self):
+        self.start()
+        envelope = Envelope(queue_id="H1", sender="a@sender.example", recipients=("u@remote.example",),
+                            client_ip="192.0.2.1", received_at=self.clock.seconds())
+        self.successResultOf(self.spool.enqueue(envelope, BODY, state="hold"))
+        self.successResultOf(self.service.sweep())
+        self.assertEqual(self.deliverer.calls, [])
+        self.assertEqual(self.entries(), {"H1": "hold"})
+
+    def test_deliver_defer_bounce_dsn_expire_events(self):
+        self.start()
+        self.deliverer.replies["b@remote.example"] = (550, "5.1.1")
+        self.deliverer.replies["c@remote.example"] = (451, "4.3.0")
+        self.queue(rcpts=("a@remote.example", "b@remote.example", "c@remote.example"))
+        [deliver] = [e for e in self.tracked("DELIVER") if e["queue_id"] == "Q1"]
+        self.assertEqual((deliver["recipients"], deliver["route"], deliver["remote_host"]),
+                         (["a@remote.example"], "internet", "mx.remote.example"))
+        self.assertEqual(deliver["reply"], "250 2.0.0 reply 250")
+        self.assertEqual(deliver["session"], "out1")  # the outbound session, for trace
+        [bounce] = self.tracked("BOUNCE")
+        self.assertEqual(bounce["recipients"], ["b@remote.example"])
+        [defer_] = self.tracked("DEFER")
+        self.assertEqual(defer_["recipients"], ["c@remote.example"])
+        [dsn] = self.tracked("DSN")
+        self.assertEqual((dsn["queue_id"], dsn["action"], dsn["recipients"]),
+                         ("Q1", "failed", ["b@remote.example"]))
+        for _ in range(61):
+            self.clock.advance(60)
+        [expire] = self.tracked("EXPIRE")
+        self.assertEqual(expire["recipients"], ["c@remote.example"])
+        self.assertEqual(expire["latency"], 3600)

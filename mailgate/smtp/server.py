@@ -9,25 +9,24 @@ input waits while a check is pending, every buffer is bounded, and DATA is scann
 mailgate.smtp.datascan.  Every answer is a mailgate.envelope.Reply with an enhanced status code.
 """
 
-import base64
-import binascii
-import datetime
-import email.utils
 import secrets
 
-import attr
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
 
-from mailgate.smtp import address
-
-from mailgate.smtp import policy
-from mailgate.smtp.datascan import DataScanner
 from mailgate.envelope import Envelope, Reply
 from mailgate.errors import ReplyError
-from mailgate.events import message_id
 from mailgate.session import Session
+from mailgate.smtp import address, policy, replies, sasl
+from mailgate.smtp.datascan import DataScanner
+from mailgate.smtp.gate import Gate
+from mailgate.smtp.handoff import hand_off, scan_problem
+from mailgate.smtp.replies import (
+    AUTH_BAD, AUTH_FIRST, AUTH_NEEDS_TLS, AUTH_OK, AUTH_TEMP, BAD_CHAR, BAD_SEQUENCE_HELO,
+    LINE_TOO_LONG, NEED_MAIL, NESTED_MAIL, NO_RCPT, OK, TEMP_FAIL, TLS_FIRST, TOO_BIG,
+    TOO_MANY_RCPTS, UNKNOWN,
+)
 
 log = Logger()
 
@@ -40,29 +39,6 @@ MAX_PENDING = 65536  # buffered input while a check runs, before we stop reading
 COMMANDS = frozenset("EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY EXPN HELP QUIT".split())
 
 R = Reply
-OK = R(250, "2.0.0", "Ok")
-TLS_FIRST = R(530, "5.7.0", "Must issue a STARTTLS command first")
-AUTH_FIRST = R(530, "5.7.0", "Authentication required")
-BAD_SEQUENCE_HELO = R(503, "5.5.1", "Send EHLO/HELO first")
-NEED_MAIL = R(503, "5.5.1", "Need MAIL command")
-NESTED_MAIL = R(503, "5.5.1", "Nested MAIL command")
-NO_RCPT = R(554, "5.5.1", "No valid recipients")
-TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
-TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed limit")
-BARE_NEWLINE = R(550, "5.6.0", "Message contains bare CR or LF characters")
-LONG_LINE = R(554, "5.6.0", "Message contains a line longer than 998 characters")
-LINE_TOO_LONG = R(500, "5.5.2", "Line too long")
-BAD_CHAR = R(501, "5.5.4", "Invalid character in command")
-UNKNOWN = R(500, "5.5.2", "Command not recognized")
-TEMP_FAIL = R(451, "4.3.0", "Temporary failure, please try again later")
-AUTH_OK = R(235, "2.7.0", "Authentication successful")
-AUTH_BAD = R(535, "5.7.8", "Authentication credentials invalid")
-AUTH_NEEDS_TLS = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
-AUTH_TEMP = R(454, "4.7.0", "Temporary authentication failure")
-
-
-def _now_rfc5322(ts):
-    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
 
 
 class SMTPServer(smtp.ESMTP):
@@ -81,7 +57,7 @@ class SMTPServer(smtp.ESMTP):
         self._paused = False
         self._closed = False
         self._scanner = None
-        self._sasl = None  # a generator waiting for the next SASL response line
+        self._sasl = None  # a sasl.Exchange waiting for the next response line
         self._timers = {}
         self.errors = 0
         self.auth_failures = 0
@@ -147,13 +123,12 @@ class SMTPServer(smtp.ESMTP):
 
     def _unavailable(self, failure):
         log.failure("refusing session from {client}", failure, client=self.client_ip)
-        self._close(R(421, "4.3.0", "%s Service not available, try again later" % (self.hostname,)))
+        self._close(replies.unavailable(self.hostname))
 
     def _connected(self, reply):
         if reply is not None and not reply.is_positive:
             if reply.is_temporary and reply.code != 421:
-                # RFC 5321 3.1: the only temporary greeting is 421 (then close).
-                reply = R(421, reply.status, "%s %s" % (self.hostname, reply.text))
+                reply = replies.temporary_greeting(self.hostname, reply)
             self._close(reply)
         else:
             self._reply(policy.banner_reply(self.hostname))
@@ -245,7 +220,7 @@ class SMTPServer(smtp.ESMTP):
             return
         log.info("{why} for {client} on {listener}", why=why, client=self.client_ip,
                  listener=self.listener.name)
-        self._close(R(421, "4.4.2", "%s Error: %s" % (self.hostname, why)))
+        self._close(replies.timed_out(self.hostname, why))
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -272,7 +247,7 @@ class SMTPServer(smtp.ESMTP):
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 self._stage = None  # the closing 421 is not a second rejection of this command
-                self._close(R(421, "4.7.0", "%s Error: too many errors" % (self.hostname,)))
+                self._close(replies.too_many_errors(self.hostname))
 
     def _answer(self, reply):
         if reply.is_positive:
@@ -373,12 +348,12 @@ class SMTPServer(smtp.ESMTP):
 
     def do_STARTTLS(self, arg):
         if arg:
-            return self._error(R(501, "5.5.4", "Syntax: STARTTLS"))
+            return self._error(replies.STARTTLS_SYNTAX)
         if self.tls:
-            return self._error(R(503, "5.5.1", "TLS already active"))
+            return self._error(replies.TLS_ACTIVE)
         if self.listener.tls not in ("optional", "required") or self.factory.tls is None:
-            return self._error(R(502, "5.5.1", "STARTTLS not available"))
-        self._reply(R(220, "2.0.0", "Ready to start TLS"))
+            return self._error(replies.NO_STARTTLS)
+        self._reply(replies.START_TLS)
         if self._buffer:
             # Anything sent after STARTTLS but before the handshake was sent in plaintext and
             # would run inside TLS (CVE-2011-0411): drop it.
@@ -401,41 +376,29 @@ class SMTPServer(smtp.ESMTP):
         if self._tls_missing():
             return self._error(TLS_FIRST)
         if self.listener.auth == "none" or self.factory.auth is None:
-            return self._error(R(503, "5.5.1", "Authentication not enabled"))
+            return self._error(replies.AUTH_DISABLED)
         if not self.tls:
             return self._error(AUTH_NEEDS_TLS)
         if self.helo is None or not self.esmtp:
-            return self._error(R(503, "5.5.1", "Send EHLO first"))
+            return self._error(replies.AUTH_NEEDS_EHLO)
         if self.user is not None:
-            return self._error(R(503, "5.5.1", "Already authenticated"))
+            return self._error(replies.AUTH_AGAIN)
         if self.sender is not None:
-            return self._error(R(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+            return self._error(replies.AUTH_IN_TRANSACTION)
         mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism == "PLAIN":
-            steps = self._sasl_plain(initial or None)
-        elif mechanism == "LOGIN":
-            steps = self._sasl_login(initial or None)
-        else:
-            return self._error(R(504, "5.5.4", "Unrecognized authentication type"))
-        self._sasl = steps
-        return self._sasl_advance(None)
+        try:
+            self._sasl = sasl.Exchange(mechanism.upper(), initial or None)
+        except ReplyError as e:
+            return self._error(e.reply)
+        return self._sasl_advance(self._sasl.start)
 
     def _sasl_step(self, line):
-        if line == b"*":
-            self._sasl = None
-            return self._error(R(501, "5.7.0", "Authentication cancelled"))
-        try:
-            decoded = base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self._sasl = None
-            return self._error(R(501, "5.5.2", "Cannot decode response"))
-        return self._sasl_advance(decoded)
+        return self._sasl_advance(self._sasl.feed, line)
 
-    def _sasl_advance(self, value):
-        """Feed the SASL generator; it yields a challenge (str) or the (user, password) pair."""
+    def _sasl_advance(self, step, *args):
+        """One step of the exchange: a challenge to send, or the credentials to check."""
         try:
-            step = self._sasl.send(value)
+            step = step(*args)
         except ReplyError as e:
             self._sasl = None
             return self._error(e.reply)
@@ -444,41 +407,11 @@ class SMTPServer(smtp.ESMTP):
         self._sasl = None
         return self._check_credentials(*step)
 
-    @staticmethod
-    def _initial(initial):
-        if initial is None:
-            return None
-        if initial == "=":
-            return b""
-        try:
-            return base64.b64decode(initial.encode("ascii"), validate=True)
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            raise ReplyError(R(501, "5.5.2", "Cannot decode response"))
-
-    def _sasl_plain(self, initial):
-        value = self._initial(initial)
-        if value is None:
-            value = yield ""
-        parts = value.split(b"\x00")
-        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-            raise ReplyError(AUTH_BAD)
-        yield (parts[1], parts[2])
-
-    def _sasl_login(self, initial):
-        username = self._initial(initial)
-        if username is None:
-            username = yield "VXNlcm5hbWU6"
-        password = yield "UGFzc3dvcmQ6"
-        yield (username, password)
-
     def _check_credentials(self, username, password):
-        try:
-            username, password = username.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._auth_failed(username.decode("latin-1", "replace"))
-        d = defer.maybeDeferred(self.factory.auth.authenticate, username, password)
+        d = sasl.authenticate(self.factory.auth, username, password)
 
-        def checked(user):
+        def checked(result):
+            username, user = result
             if user is None:
                 return self._auth_failed(username)
             self.user = user
@@ -497,7 +430,7 @@ class SMTPServer(smtp.ESMTP):
         log.info("authentication failed for {user} from {client}", user=username, client=self.client_ip)
         self._reply(AUTH_BAD)
         if self.auth_failures >= self.limits.max_auth_failures:
-            self._close(R(421, "4.7.0", "%s Error: too many authentication failures" % (self.hostname,)))
+            self._close(replies.too_many_auth_failures(self.hostname))
 
     def do_MAIL(self, arg):
         if self._tls_missing():
@@ -519,7 +452,7 @@ class SMTPServer(smtp.ESMTP):
         def accept():
             self.sender = sender
             self.body_type = params.get("BODY", "7BIT").upper()
-            self._reply(R(250, "2.1.0", "Ok"))
+            self._reply(replies.SENDER_OK)
 
         return self._then(self._hook("on_mail", sender), accept)
 
@@ -541,7 +474,7 @@ class SMTPServer(smtp.ESMTP):
         def accept():
             if rcpt not in self.recipients:
                 self.recipients.append(rcpt)
-            self._reply(R(250, "2.1.5", "Ok"))
+            self._reply(replies.RECIPIENT_OK)
 
         return self._then(self._hook("on_rcpt", recipient), accept)
 
@@ -553,7 +486,7 @@ class SMTPServer(smtp.ESMTP):
         if self._tls_missing():
             return self._error(TLS_FIRST)
         if arg:
-            return self._error(R(501, "5.5.4", "Syntax: DATA"))
+            return self._error(replies.DATA_SYNTAX)
         if self.sender is None:
             return self._error(NEED_MAIL)
         if not self.recipients:
@@ -561,20 +494,14 @@ class SMTPServer(smtp.ESMTP):
         self._scanner = DataScanner(self.listener.max_message_size)
         self._disarm("idle")
         self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
-        self._reply(R(354, "", "End data with <CR><LF>.<CR><LF>"))
+        self._reply(replies.START_DATA)
 
     def _end_of_data(self):
         self._stage = "DATA"
         self._data_done_at = self.clock.seconds()
         scanner, self._scanner = self._scanner, None
         self._disarm("idle")
-        reply = None
-        if scanner.too_big:
-            reply = TOO_BIG
-        elif scanner.bare_newline:
-            reply = BARE_NEWLINE
-        elif scanner.line_too_long:
-            reply = LONG_LINE
+        reply = scan_problem(scanner)
         if reply is not None:
             log.info("rejected message from {client}: {reply}", client=self.client_ip, reply=str(reply))
             self._error(reply)  # reported while the transaction still names its recipients
@@ -583,41 +510,27 @@ class SMTPServer(smtp.ESMTP):
         envelope = self._envelope(scanner.size)
         message = scanner.message()
         d = self._hook("on_data", envelope, message)
-        d.addCallback(self._queue, envelope, message)
+        d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message, result))
+        d.addCallback(self._handed_off)
         d.addErrback(self._queue_failed, envelope)
         d.addBoth(self._after_message)
         return d
 
-    def _queue(self, result, envelope, message):
-        """result: None (queue as is), a failure Reply, or a DataResult from the filter chain."""
-        if isinstance(result, Reply):
-            if not result.is_positive:
-                return self._answer(result)
-            result = None
-        state = "active"
-        if result is not None:
-            message, state = result.data, result.state
-            envelope = attr.evolve(envelope, verdicts=result.verdicts)
-        data = self._received_header(envelope) + message
-        envelope = attr.evolve(envelope, size=len(data))
-        d = self.factory.queue.enqueue(envelope, data, state)
-
-        def queued(queue_id):
-            self._stage = None  # the 250 is not a rejection
-            fields = dict(queue_id=queue_id, message_id=message_id(message), sender=envelope.sender,
-                          recipients=list(envelope.recipients), size=envelope.size,
-                          verdicts=[list(v) for v in envelope.verdicts], tls=envelope.tls_version,
-                          latency=self.clock.seconds() - self._data_done_at)
-            self._track("RECEIVE", **fields)
-            if state == "quarantine":
-                self._track("QUARANTINE", reason=result.reason if result is not None else None, **fields)
-            log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client} "
-                     "state={state}", queue_id=queue_id, sender=envelope.sender,
-                     nrcpt=len(envelope.recipients), size=envelope.size, client=envelope.client_ip,
-                     state=state, session=self.session.id)
-            self._reply(R(250, "2.0.0", "Ok: queued as %s" % (queue_id,)))
-
-        return d.addCallback(queued)
+    def _handed_off(self, outcome):
+        """outcome: a refusing Reply from the filters, or the Queued message."""
+        if isinstance(outcome, Reply):
+            return self._answer(outcome)
+        self._stage = None  # the 250 is not a rejection
+        envelope = outcome.envelope
+        fields = outcome.tracking(latency=self.clock.seconds() - self._data_done_at)
+        self._track("RECEIVE", **fields)
+        if outcome.state == "quarantine":
+            self._track("QUARANTINE", reason=outcome.reason, **fields)
+        log.info("queued {queue_id} from=<{sender}> nrcpt={nrcpt} size={size} client={client} "
+                 "state={state}", queue_id=outcome.queue_id, sender=envelope.sender,
+                 nrcpt=len(envelope.recipients), size=envelope.size, client=envelope.client_ip,
+                 state=outcome.state, session=self.session.id)
+        self._reply(replies.queued(outcome.queue_id))
 
     def _queue_failed(self, failure, envelope):
         log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
@@ -642,22 +555,6 @@ class SMTPServer(smtp.ESMTP):
             return "SMTP"
         return "ESMTP" + ("S" if self.tls else "") + ("A" if self.user is not None else "")
 
-    def _received_header(self, envelope):
-        """RFC 5321 4.4 trace header, built only from validated values."""
-        ip = envelope.client_ip
-        literal = "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
-        lines = ["Received: from %s (%s)" % (envelope.helo, literal)]
-        if envelope.tls_version:
-            lines.append("\t(using %s with cipher %s)" % (envelope.tls_version, envelope.tls_cipher))
-        lines.append("\tby %s (mailgate) with %s id %s" % (self.hostname, envelope.protocol, envelope.queue_id))
-        when = _now_rfc5322(envelope.received_at)
-        if len(envelope.recipients) == 1:
-            lines.append("\tfor <%s>; %s" % (envelope.recipients[0], when))
-        else:
-            lines[-1] += ";"
-            lines.append("\t" + when)
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
-
     def do_RSET(self, arg):
         self._reset_transaction()
         self._reply(OK)
@@ -666,16 +563,16 @@ class SMTPServer(smtp.ESMTP):
         self._reply(OK)
 
     def do_VRFY(self, arg):
-        self._reply(R(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery"))
+        self._reply(replies.VRFY)
 
     def do_EXPN(self, arg):
-        self._error(R(502, "5.5.1", "EXPN not available"))
+        self._error(replies.NO_EXPN)
 
     def do_HELP(self, arg):
-        self._reply(R(214, "2.0.0", "mailgate: see RFC 5321"))
+        self._reply(replies.HELP)
 
     def do_QUIT(self, arg):
-        self._close(R(221, "2.0.0", "Bye"))
+        self._close(replies.BYE)
 
     def _reset_transaction(self):
         self.sender = None
@@ -683,36 +580,6 @@ class SMTPServer(smtp.ESMTP):
         self.body_type = "7BIT"
         if self.session is not None:
             self.session.transaction.clear()
-
-
-class Gate:
-    """Holds sessions back (before their banner) until the gateway is ready, or fails them all."""
-
-    def __init__(self, is_open=True):
-        self._open = is_open
-        self._failure = None
-        self._waiting = []
-
-    def wait(self):
-        if self._open:
-            return defer.succeed(None)
-        if self._failure is not None:
-            return defer.fail(self._failure)
-        d = defer.Deferred()
-        self._waiting.append(d)
-        return d
-
-    def open(self):
-        self._open = True
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def fail(self, failure):
-        self._failure = failure
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(failure)
 
 
 class SMTPFactory(protocol.ServerFactory):

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgate.filters.mime import walker as mimewalk
+from mailgate.filters import mime as mimewalk
 from mailgate.interfaces import IFilter
 from mailgate.verdict import Verdict
 

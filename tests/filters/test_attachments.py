@@ -13,7 +13,8 @@ import attr
 import pytest
 from twisted.internet import defer
 
-from mailgate.filters.mime import walker as mimewalk
+from mailgate.filters import mime as mimewalk
+from mailgate.filters.mime import walker as mime_walker
 from mailgate.config import DEFAULT_BLOCKED_EXTENSIONS, AttachmentsConfig
 from mailgate.filters import attachments
 from mailgate.interfaces import IFilter
@@ -804,7 +805,7 @@ def test_an_error_in_one_part_does_not_stop_the_others(monkeypatch):
             raise ValueError("boom")
         return real(part)
 
-    monkeypatch.setattr(mimewalk, "decode_payload", flaky)
+    monkeypatch.setattr(mime_walker, "decode_payload", flaky)
     raw = corpus.message(corpus.part(corpus.pdf(), "bad.pdf"), corpus.part(b"x", "evil.exe"))
     assert_blocked(verdict_for(raw, malformed="accept"), "evil.exe")
     assert_malformed(verdict_for(corpus.message(corpus.part(corpus.pdf(), "bad.pdf"))),

@@ -7,17 +7,8 @@ Findings, strip() rewrites the message without them; decode_payload() and the st
 constants (CHUNK, RATIO_FLOOR) are exported for the tests.
 """
 
-from mailgate.filters.mime.walker import (
-    CHUNK,
-    RATIO_FLOOR,
-    Finding,
-    Policy,
-    Report,
-    decode_payload,
-    inspect,
-    policy_from_config,
-    strip,
-)
+from mailgate.filters.mime.policy import Finding, Policy, Report, policy_from_config
+from mailgate.filters.mime.walker import CHUNK, RATIO_FLOOR, decode_payload, inspect, strip
 
 __all__ = [
     "CHUNK",

@@ -1,5 +1,5 @@
 """
-Prometheus metrics and the health check, served over HTTP by twisted.web.
+Prometheus metrics: counters, gauges and histograms fed by the gateway's events.
 
 Metrics(events, clock) owns its own prometheus_client CollectorRegistry (never the global
 REGISTRY: two gateways, or many tests, in one process do not collide) and counts what the gateway
@@ -53,18 +53,7 @@ other policy refusals), else the subject of Y: "address" (1), "mailbox" (2), "sy
 (0), or "unknown" without an enhanced status.  All label values are bounded: listener, route and
 filter names come from the configuration.
 
-MetricsService(config, reactor, gateway) serves, on config.metrics.endpoint (a Twisted server
-endpoint string; nothing when empty), with twisted.web (no access log):
-
-  GET /metrics   the registry in the Prometheus text format (prometheus_client.generate_latest,
-                 Content-Type prometheus_client.CONTENT_TYPE_LATEST)
-  GET /healthz   200 "ok", or 503 with one reason a line: "listener NAME not bound", "queue recovery
-                 in progress", "queue not writable" (queue.check_writable() fired False or failed),
-                 "queue not writable: no answer within 10s"
-
-It refreshes the queue gauges (once queue recovery is over) and runs mailgate.ops.alerts.Alerts (also
-without an endpoint).  Counters also get prometheus_client's *_created series; mailgate_build_info
-{version} is 1.
+The HTTP side (/metrics, /healthz) is mailgate.ops.httpd; the health check mailgate.ops.health.
 """
 
 import collections
@@ -72,18 +61,15 @@ import re
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IResolver
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import common, dns, error as dnserror
 from twisted.python.failure import Failure
-from twisted.web import pages, resource, server
 from zope.interface import implementer
 
 import mailgate
-from mailgate.errors import ConfigError
 
 log = Logger()
 
@@ -91,7 +77,6 @@ QUEUE_STATES = ("active", "deferred", "hold", "quarantine")
 QUEUE_INTERVAL = 15.0  # seconds between queue gauge refreshes
 TIMEOUT_REPLY = "421 4.4.2"  # smtpd's answer when a client exceeds a time limit
 TIMEOUT_WINDOW = 60  # seconds of timeouts kept for the alert
-HEALTH_TIMEOUT = 10.0  # seconds the queue probe may take before /healthz says 503
 
 ACCEPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DELIVERY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600,
@@ -461,213 +446,3 @@ for _name in IResolver.names():
 
         setattr(InstrumentedResolver, _name, _make(_name))
 del _name
-
-
-# -- HTTP ------------------------------------------------------------------------------------------
-
-class MetricsResource(resource.Resource):
-    """GET /metrics: the registry in the Prometheus text format."""
-
-    isLeaf = True
-
-    def __init__(self, metrics):
-        resource.Resource.__init__(self)
-        self.metrics = metrics
-
-    def render_GET(self, request):
-        request.setHeader(b"Content-Type", prometheus_client.CONTENT_TYPE_LATEST.encode("ascii"))
-        request.setHeader(b"Cache-Control", b"no-store")
-        return self.metrics.exposition()
-
-
-class HealthResource(resource.Resource):
-    """GET /healthz: 200 "ok", or 503 with one reason a line.  check() -> Deferred[list of str]."""
-
-    isLeaf = True
-
-    def __init__(self, check):
-        resource.Resource.__init__(self)
-        self.check = check
-
-    def render_GET(self, request):
-        finished = []
-        request.notifyFinish().addBoth(finished.append)
-        d = defer.maybeDeferred(self.check)
-
-        def answer(problems):
-            if problems:
-                request.setResponseCode(503)
-                body = "\n".join(problems) + "\n"
-            else:
-                body = "ok\n"
-            return body
-
-        def broken(failure):
-            log.failure("health check failed", failure)
-            request.setResponseCode(503)
-            return "health check failed\n"
-
-        def write(body):
-            if finished:  # the client went away
-                return
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            request.setHeader(b"Cache-Control", b"no-store")
-            request.write(body.encode("utf-8"))
-            request.finish()
-
-        d.addCallbacks(answer, broken).addCallback(write)
-        d.addErrback(lambda f: log.failure("could not answer a health check", f))
-        return server.NOT_DONE_YET
-
-
-class _Root(resource.Resource):
-    def getChild(self, path, request):
-        return pages.notFound()
-
-
-class _QuietSite(server.Site):
-    """A Site that does not write an access log line per scrape."""
-
-    noisy = False
-
-    def log(self, request):
-        pass
-
-
-def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
-    """
-    Deferred[list of str]: why gateway (a GatewayService) cannot take mail; [] when it can.
-    Every ListenerService child must have a bound port, queue recovery must be over, and
-    gateway.queue.check_writable() must fire True within timeout seconds.
-    """
-    from mailgate.service import ListenerService  # here: mailgate.service may import this module
-
-    problems = []
-    for child in gateway:
-        if isinstance(child, ListenerService) and child.port is None:
-            problems.append("listener %s not bound" % (child.listener.name,))
-    ready = getattr(gateway, "ready", None)
-    if isinstance(ready, defer.Deferred) and not ready.called:
-        problems.append("queue recovery in progress")
-    d = defer.maybeDeferred(gateway.queue.check_writable)
-    if timeout:
-        d.addTimeout(timeout, clock)
-
-    def checked(writable):
-        if writable is not True:
-            problems.append("queue not writable")
-        return problems
-
-    def failed(failure):
-        if failure.check(defer.TimeoutError):
-            problems.append("queue not writable: no answer within %gs" % (timeout,))
-        else:
-            log.failure("queue writability check failed", failure)
-            problems.append("queue not writable")
-        return problems
-
-    return d.addCallbacks(checked, failed)
-
-
-def make_site(metrics, health):
-    """The twisted.web Site: /metrics from metrics, /healthz from health() -> Deferred[list]."""
-    root = _Root()
-    root.putChild(b"metrics", MetricsResource(metrics))
-    root.putChild(b"healthz", HealthResource(health))
-    return _QuietSite(root)
-
-
-class MetricsService(service.Service):
-    """
-    Metrics, /metrics and /healthz, and alerts for a gateway (the GatewayService of
-    mailgate.service.build_service: its .events, .queue and ListenerService children).
-
-    The Metrics object (.metrics) subscribes to gateway.events at once; metrics, when given, is
-    used instead (one made before the gateway, e.g. for InstrumentedResolver, already subscribed
-    to the gateway's bus; its queue defaults to gateway.queue).  When started: if
-    config.metrics.endpoint is set, the queue gauges are refreshed every queue_interval seconds and
-    the endpoint (a Twisted server endpoint string, on reactor) serves the Site; .port is the
-    listening port.  mailgate.ops.alerts.Alerts (.alerts) runs when any alert threshold is set.
-    """
-
-    name = "metrics"
-
-    def __init__(self, config, reactor, gateway, metrics=None, queue_interval=QUEUE_INTERVAL, spawn=None):
-        from mailgate.ops.alerts import Alerts
-
-        self.config = config
-        self.reactor = reactor
-        self.gateway = gateway
-        if metrics is None:
-            metrics = Metrics(getattr(gateway, "events", None), reactor, gateway.queue, queue_interval)
-        elif metrics.queue is None:
-            metrics.queue = gateway.queue
-        self.metrics = metrics
-        self.metrics.declare_listeners(listener.name for listener in config.listeners)
-        self.alerts = Alerts(config.alerts, reactor, self.metrics, gateway.queue, spawn=spawn)
-        self.port = None
-        self._listening = None
-
-    def health(self):
-        return health_problems(self.gateway, self.reactor)
-
-    def startService(self):
-        service.Service.startService(self)
-        self.alerts.start()
-        endpoint_text = self.config.metrics.endpoint
-        if not endpoint_text:
-            return None
-        try:
-            endpoint = endpoints.serverFromString(self.reactor, endpoint_text)
-        except (ValueError, TypeError) as e:
-            self._stop_checks()
-            raise ConfigError(self.config.path, "metrics", "endpoint",
-                              "invalid endpoint %r: %s" % (endpoint_text, e))
-        errors = []
-        d = self._listening = endpoint.listen(make_site(self.metrics, self.health))
-
-        def listening(port):
-            self.port = port
-            self._start_refresh()
-            address = port.getHost()
-            log.info("metrics listening on {address}", address="%s:%s" % (
-                getattr(address, "host", getattr(address, "name", address)), getattr(address, "port", "")))
-            return port
-
-        def failed(failure):
-            error = ConfigError(self.config.path, "metrics", "endpoint", "cannot listen on %s: %s"
-                                % (endpoint_text, failure.getErrorMessage()))
-            errors.append(error)
-            log.critical("{error}", error=str(error))
-
-        d.addCallbacks(listening, failed)
-        if errors:  # TCP and UNIX endpoints fail synchronously: report it now, like the listeners
-            self._stop_checks()
-            service.Service.stopService(self)
-            raise errors[0]
-        return d
-
-    def _start_refresh(self):
-        """Refresh the queue gauges from now on, or once queue recovery is over (it makes the spool)."""
-        ready = getattr(self.gateway, "ready", None)
-        if isinstance(ready, defer.Deferred) and not ready.called:
-            def recovered(result):
-                if self.running and self.port is not None:
-                    self.metrics.start()
-                return result
-
-            ready.addBoth(recovered)
-        else:
-            self.metrics.start()
-
-    def _stop_checks(self):
-        self.alerts.stop()
-        self.metrics.stop()
-
-    def stopService(self):
-        service.Service.stopService(self)
-        self._stop_checks()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None

@@ -68,37 +68,6 @@ def make_envelope(queue_id=None, **kwargs):
 BODY = b"Subject: hi\r\n\r\nbinary \x00\xff\xfe and a dot line\r\n.\r\n" * 3
 
 
-class QueueIdTests(TestCase):
-    def test_unique_sortable_and_safe(self):
-        ids = [new_queue_id() for _ in range(5000)]
-        self.assertEqual(len(set(ids)), len(ids))
-        self.assertEqual(ids, sorted(ids))
-        for queue_id in ids[:50]:
-            self.assertRegex(queue_id, r"\A[0-9A-Z]{17}\Z")
-
-    def test_sorts_by_time_not_by_random_part(self):
-        """An id made later sorts later even when its random part is smaller."""
-        self.patch(spool_module, "_last_us", 0)
-        randoms = iter([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00"])
-        self.patch(spool_module.secrets, "token_bytes", lambda n: next(randoms))
-        times = iter([31_000, 32_000])  # 31 and 32 microseconds: across a base32 digit boundary
-        self.patch(spool_module.time, "time_ns", lambda: next(times))
-        first, second = new_queue_id(), new_queue_id()
-        self.assertLess(first, second)
-
-    def test_clock_going_back_keeps_order(self):
-        self.patch(spool_module, "_last_us", 0)
-        times = iter([5_000_000_000, 4_000_000_000, 4_000_000_000])
-        self.patch(spool_module.time, "time_ns", lambda: next(times))
-        ids = [new_queue_id() for _ in range(3)]
-        self.assertEqual(ids, sorted(set(ids)))
-
-    def test_encoding_preserves_order(self):
-        numbers = sorted(int.from_bytes(os.urandom(7), "big") >> 1 for _ in range(500))
-        encoded = [spool_module._base32(n, 11) for n in numbers]
-        self.assertEqual(encoded, sorted(encoded))
-
-
 class SpoolTestMixin:
     runner = staticmethod(sync_runner)
 

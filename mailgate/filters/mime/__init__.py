@@ -7,8 +7,10 @@ Findings, strip() rewrites the message without them; decode_payload() and the st
 constants (CHUNK, RATIO_FLOOR) are exported for the tests.
 """
 
+from mailgate.filters.mime.archives import CHUNK, RATIO_FLOOR
+from mailgate.filters.mime.decode import decode_payload
 from mailgate.filters.mime.policy import Finding, Policy, Report, policy_from_config
-from mailgate.filters.mime.walker import CHUNK, RATIO_FLOOR, decode_payload, inspect, strip
+from mailgate.filters.mime.walker import inspect, strip
 
 __all__ = [
     "CHUNK",

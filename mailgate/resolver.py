@@ -15,7 +15,9 @@ describe_failure() turns one into a short text for logs and bounce messages.
 import ipaddress
 import socket
 
-from twisted.internet import defer
+from twisted.internet import base, defer, udp
+from twisted.internet.error import CannotListenError
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.names import client, common, dns, error
 
@@ -29,14 +31,66 @@ class CNAMEChainError(error.DomainError):
     """A CNAME loop, or a chain longer than we follow: a broken zone, treated as temporary."""
 
 
+class _QuietUDPPort(udp.Port):
+    """
+    udp.Port without its two log lines a port ("... starting on N", "(UDP Port N Closed)"): the
+    same steps as Twisted's _bindSocket and connectionLost, which log unconditionally (a test in
+    tests/test_resolver.py notices when a Twisted release changes them).
+    """
+
+    def _bindSocket(self):
+        try:
+            skt = self.createInternetSocket()
+            skt.bind((self.interface, self.port))
+        except OSError as le:
+            raise CannotListenError(self.interface, self.port, le)
+        self._realPortNumber = skt.getsockname()[1]
+        self.connected = 1
+        self.socket = skt
+        self.fileno = self.socket.fileno
+
+    def connectionLost(self, reason=None):
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        base.BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
+
+
+class _QuietUDP:
+    """
+    The reactor as client.Resolver sees it.  The resolver opens a UDP port of a random number for
+    every query (source-port randomisation, the defence against cache poisoning, so it is kept),
+    and Twisted logs two lines for each ("DNSDatagramProtocol starting on N", "(UDP Port N
+    Closed)"): thousands a minute on a busy gateway.  On the posix reactors (all that run
+    mailgate) the port is made quiet.  Everything else is the reactor's.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if not isinstance(self._reactor, PosixReactorBase):
+            return self._reactor.listenUDP(port, protocol, interface, maxPacketSize)
+        p = _QuietUDPPort(port, protocol, interface, maxPacketSize, self._reactor)
+        p.startListening()
+        return p
+
+
 def make_resolver(dns_config, reactor):
     """The shared IResolver for a mailgate.config.DNSConfig: client.Resolver behind a cache."""
     timeout = (dns_config.timeout,)  # one try per server; the queue owns the retries
+    quiet = _QuietUDP(reactor)
     if dns_config.nameservers:
         servers = [(str(ip), int(port)) for ip, port in dns_config.nameservers]
-        upstream = client.Resolver(servers=servers, resolv=None, reactor=reactor, timeout=timeout)
+        upstream = client.Resolver(servers=servers, resolv=None, reactor=quiet, timeout=timeout)
     else:
-        upstream = client.Resolver(resolv=RESOLV_CONF, reactor=reactor, timeout=timeout)
+        upstream = client.Resolver(resolv=RESOLV_CONF, reactor=quiet, timeout=timeout)
     return CachingResolver(upstream, reactor)
 
 

@@ -292,6 +292,21 @@ class ResolverTests(TestCase):
         self.assertEqual(upstream.timeout, (self.timeout,))
 
     @defer.inlineCallbacks
+    def test_queries_write_nothing_to_the_log(self):
+        """Twisted's two lines per UDP query ("... starting on N", "(UDP Port N Closed)") are gone."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for name in ("example.com", "mx1.example.com"):  # two queries, two ports
+            yield self.resolver.lookupAddress(name)
+        yield defer.succeed(None)
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual([line for line in lines if "UDP" in line or "starting on" in line], [])
+        self.assertGreaterEqual(len(self.zone.queries), 2)
+
+    @defer.inlineCallbacks
     def test_mx(self):
         answers, authority, additional = yield self.resolver.lookupMailExchange("example.com")
         found = sorted((rr.payload.preference, rr.payload.name.name) for rr in answers)

@@ -329,6 +329,11 @@ def _dkim_keygen(args):
             raise ValueError("--bits is for rsa keys only")
     except ValueError as e:
         return _fail(str(e))
+    try:
+        # A directory for private keys: made for the owner alone when it is new.
+        os.makedirs(args.out, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return _fail("%s: %s" % (e.filename or args.out, e.strerror or e))
     path = os.path.join(args.out, "%s.%s.key" % (selector, domain))
     if os.path.lexists(path):  # checked again, race-free, when it is created
         return _fail("%s: already exists, not overwritten" % (path,))

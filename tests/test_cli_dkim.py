@@ -95,6 +95,14 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     assert path.read_bytes() == b"the key in use"
 
 
+def test_out_directory_is_created_for_the_owner_only(tmp_path, capsys):
+    out_dir = tmp_path / "keys" / "dkim"
+    code, out, err = run(capsys, "dkim-keygen", "example.com", "s1", "--out", str(out_dir))
+    assert (code, err) == (0, "")
+    assert stat.S_IMODE(os.stat(out_dir).st_mode) == 0o700
+    assert (out_dir / "s1.example.com.key").exists()
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
@@ -103,7 +111,7 @@ def test_refuses_to_overwrite(tmp_path, capsys):
         (["example.com", "../s1"], "expected a selector"),
         (["example.com", "s1/x"], "expected a selector"),
         (["example.com", "s1", "--type", "ed25519", "--bits", "4096"], "--bits is for rsa"),
-        (["example.com", "s1", "--out", "/nonexistent/dir"], "No such file or directory"),
+        (["example.com", "s1", "--out", "/dev/null/dir"], "/dev/null/dir: Not a directory"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, words):

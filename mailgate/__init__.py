@@ -5,7 +5,7 @@ Embedding: ``Gateway.from_config("mailgate.ini", reactor=reactor)`` returns a Tw
 start it (or add it to your application) and the listeners accept mail.
 """
 
-__version__ = "0.1.0"
+from mailgate.version import __version__
 
 
 class Gateway:

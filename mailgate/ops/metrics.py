@@ -69,7 +69,7 @@ from twisted.names import common, dns, error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import mailgate
+from mailgate.version import __version__
 
 log = Logger()
 
@@ -156,7 +156,7 @@ class Metrics:
             return Gauge(name, doc, labels, registry=registry)
 
         self.build_info = gauge("mailgate_build_info", "mailgate's version", ("version",))
-        self.build_info.labels(mailgate.__version__).set(1)
+        self.build_info.labels(__version__).set(1)
         self.connections_open = gauge("mailgate_connections_open", "Open inbound SMTP connections",
                                       ("listener",))
         self.connections = counter("mailgate_connections_total", "Inbound SMTP connections accepted",

@@ -9,10 +9,7 @@ Built on twisted.mail.smtp's ESMTPSender and ESMTPSenderFactory (DeliverySender 
 DeliveryFactory below), with the client-side weaknesses listed in ../shared/twisted-mail-notes.md
 fixed:
 
-C1/C2  DATA goes through DotStuffer: every line that starts with "." is stuffed, the "at start of
-       line" state and a trailing CR are carried across the 16 KiB chunks FileSender reads, and
-       only CRLF goes out (our spool is CRLF already; a stray bare CR or LF becomes CRLF, a CRLF
-       never becomes CR CR LF).
+C1/C2  dot-stuffing and CRLF across chunks: mailgate.delivery.dotstuff.
 C3     If any byte is buffered behind the 220 reply to STARTTLS, the hop fails (451 4.7.0 "STARTTLS
        response injection"), the connection is aborted, the injected replies are never acted upon
        and the hop is never retried in plaintext, whatever the policy.
@@ -92,6 +89,7 @@ from twisted.mail.interfaces import IClientAuthentication
 from twisted.python import failure
 from zope.interface import implementer
 
+from mailgate.delivery.dotstuff import DotStuffer, stuff  # noqa: F401 (stuff: re-exported)
 from mailgate.smtp.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
@@ -103,7 +101,6 @@ POLICIES = ("none", "opportunistic", "required", "verify")
 _PLAINTEXT = "plaintext"
 
 _STATUS = re.compile(rb"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+|$)")
-_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY_LINES = 100  # a longer reply is reported in several "reply" events
 _EVENT_LINE = 1000  # characters of one reply line kept in an event
@@ -166,52 +163,6 @@ def _label(hop):
     if hop.name and hop.name != hop.address:
         return "%s (%s)" % (hop.name, _hostport(hop))
     return _hostport(hop)
-
-
-# --- DATA ----------------------------------------------------------------------------------------
-
-
-class DotStuffer:
-    """
-    The DATA transform, fed chunk by chunk (C1, C2): every line ending becomes CRLF (CR LF split
-    across two chunks stays one CRLF), every line starting with "." gets one more, including the
-    first line of the message and a line that starts exactly at a chunk boundary.  finish() gives
-    what ends the transfer: a CRLF if the message did not end with one, then ".CRLF".
-    """
-
-    def __init__(self):
-        self.at_line_start = True
-        self._held_cr = False
-
-    def feed(self, chunk):
-        if self._held_cr:
-            chunk = b"\r" + chunk
-            self._held_cr = False
-        if chunk.endswith(b"\r"):
-            # Might be the first half of a CRLF: decide with the next chunk.
-            chunk = chunk[:-1]
-            self._held_cr = True
-        if not chunk:
-            return b""
-        out = _NEWLINE.sub(b"\r\n", chunk).replace(b"\r\n.", b"\r\n..")
-        if self.at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self.at_line_start = out.endswith(b"\r\n")
-        return out
-
-    def finish(self):
-        tail = b""
-        if self._held_cr:
-            tail, self._held_cr, self.at_line_start = b"\r\n", False, True
-        if not self.at_line_start:
-            tail += b"\r\n"
-        return tail + b".\r\n"
-
-
-def stuff(data):
-    """The whole of DATA for a message at once (the same transform, for tests and tools)."""
-    stuffer = DotStuffer()
-    return stuffer.feed(data) + stuffer.finish()
 
 
 # --- TLS -----------------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ named after it (test_C1_..., test_C2_..., ...).  No test sleeps: timeouts are ex
 configured values.
 """
 
-import itertools
-import random
 import socket
 import time
 
@@ -19,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailgate.config import DeliveryConfig, RouteConfig, TLSConfig
-from mailgate.delivery.client import Deliverer, DotStuffer, parse_reply, stuff
+from mailgate.delivery.client import Deliverer, parse_reply
+from mailgate.delivery.dotstuff import stuff
 from mailgate.envelope import Hop
 from tests.sinks import Sink
 from tests.tlsutil import make_ca
@@ -85,19 +84,6 @@ def dot_message(offsets, size=None):
     if size is not None:
         out += filler(max(0, size - len(out)))
     return out
-
-
-def normalized(data):
-    """What data should be after CRLF normalisation (reference implementation for the tests)."""
-    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-def reference_stuff(data):
-    lines = normalized(data).split(b"\r\n")[:-1]
-    return b"".join((b"." + l if l.startswith(b".") else l) + b"\r\n" for l in lines) + b".\r\n"
 
 
 class DeliveryTestCase(TestCase):
@@ -463,54 +449,6 @@ class C1DotStuffingTests(DeliveryTestCase):
         sink = self.sink()
         yield self.assertDelivered(sink, b".\r\n")
         yield self.assertDelivered(sink, b"")
-
-
-class DotStufferTests(SynchronousTestCase):
-    """The transform itself, fed in every chunking, against a line-by-line reference."""
-
-    SAMPLES = [
-        b"",
-        b".",
-        b".\r\n",
-        b"a\r\n.\r\nb\r\n",
-        b"no final newline",
-        b"..\r\n...\r\n",
-        b"bare\nlf\n.dot\n",
-        b"bare\rcr\r.dot\r",
-        b"mixed\r\n\n\r\r\n.\r.\n.",
-        b"\r\n\r\n.\r\n",
-        b"x" * 100 + b"\r\n." + b"y" * 50,
-    ]
-
-    def feed(self, data, sizes):
-        stuffer, out, i = DotStuffer(), b"", 0
-        for size in itertools.cycle(sizes):
-            if i >= len(data):
-                break
-            out += stuffer.feed(data[i:i + size])
-            i += size
-        return out + stuffer.finish()
-
-    def test_every_chunking(self):
-        for data in self.SAMPLES:
-            expected = reference_stuff(data)
-            self.assertEqual(stuff(data), expected, data)
-            for sizes in ([1], [2], [3], [1, 2], [5, 1], [len(data) or 1]):
-                self.assertEqual(self.feed(data, sizes), expected, (data, sizes))
-
-    def test_random(self):
-        rng = random.Random(1234)
-        alphabet = [b"\r", b"\n", b"\r\n", b".", b"a", b"b"]
-        for _ in range(300):
-            data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-            sizes = [rng.randint(1, 7) for _ in range(3)]
-            self.assertEqual(self.feed(data, sizes), reference_stuff(data), (data, sizes))
-
-    def test_never_cr_cr_lf(self):
-        data = b"line\r\n" * 5000
-        out = self.feed(data, [CHUNK])
-        self.assertNotIn(b"\r\r\n", out)
-        self.assertEqual(out, data + b".\r\n")
 
 
 # --- C2: CRLF only --------------------------------------------------------------------------------

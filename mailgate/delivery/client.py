@@ -35,20 +35,8 @@ AUTH (route.username): PLAIN or LOGIN, whichever is offered (PLAIN preferred), a
 without TLS the hop fails (451 4.7.10) before any credential is sent.  A refused login (535) is a
 temporary failure of the hop (451 4.7.8): an admin fixes credentials, mail must not bounce.
 
-Outcomes.  A reply of the remote is reported as it is (code, enhanced status split from the text,
-or derived from the code); a 5xx that we treat as temporary (greeting, EHLO, STARTTLS, AUTH) is
-reported as 451 with the status class changed to 4 and the remote's reply in the text.  Our own
-replies for trouble on our side of the wire:
-  451 4.4.1  connection refused / connect timeout / cannot connect (remote is None: no session)
-  451 4.4.2  timeout waiting for a reply, DATA not finished in data_timeout, connection lost
-  451 4.4.4  no hop to try, or a hop address that is not an IP literal (we never resolve names)
-  451 4.5.0  unexpected or malformed reply
-  451 4.7.0  STARTTLS response injection; AUTH required but not offered
-  451 4.7.4  TLS required (required/verify) but STARTTLS not offered or refused
-  451 4.7.5  TLS handshake or certificate verification failed
-  451 4.7.10 credentials configured but no TLS session: credentials not sent
-  451 4.3.5  our own TLS configuration cannot be loaded
-  553 5.1.7 / 5.1.3  sender / recipient address holding control characters (never sent)
+Outcomes (what each reply, or our own trouble, is reported as, and the codes we use):
+mailgate.delivery.outcome.
 
 Hop order and failover: the next hop is tried (for the recipients still open) after a connection
 failure, a dropped connection or timeout, a TLS failure under required/verify, a 4xx (or a 5xx we
@@ -72,7 +60,6 @@ import io
 import re
 import secrets
 
-import attr
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import connectionDone
@@ -86,10 +73,22 @@ from twisted.internet.ssl import (
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IClientAuthentication
-from twisted.python import failure
 from zope.interface import implementer
 
 from mailgate.delivery.dotstuff import DotStuffer, stuff  # noqa: F401 (stuff: re-exported)
+from mailgate.delivery.outcome import (
+    _describe,
+    _first,
+    _hop_failure,
+    _label,
+    _Outcome,
+    _own,
+    _Reason,
+    _temporary,
+    parse_reply,
+    session_result,
+    transaction_results,
+)
 from mailgate.smtp.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
@@ -100,69 +99,9 @@ POLICIES = ("none", "opportunistic", "required", "verify")
 # "plaintext" is internal: the immediate retry after an opportunistic handshake failure.
 _PLAINTEXT = "plaintext"
 
-_STATUS = re.compile(rb"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:[ \t]+|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY_LINES = 100  # a longer reply is reported in several "reply" events
 _EVENT_LINE = 1000  # characters of one reply line kept in an event
-
-
-# --- replies -----------------------------------------------------------------------------------
-
-
-@attr.s(frozen=True, slots=True)
-class _Reason:
-    code = attr.ib()
-    status = attr.ib()
-    text = attr.ib()
-
-
-def default_status(code):
-    """The enhanced status to report when a reply carries none: 2.0.0, 4.0.0 or 5.0.0."""
-    return "%d.0.0" % (code // 100) if 200 <= code < 600 and code // 100 in (2, 4, 5) else ""
-
-
-def parse_reply(code, resp):
-    """
-    (code, status, text) from a reply's code and its text lines (bytes joined by "\\n", as
-    SMTPClient collects them).  The RFC 3463 status in front of the text is split off (from each
-    line that repeats it) when its class matches the code's; otherwise it is derived from the code.
-    """
-    if isinstance(resp, str):
-        resp = resp.encode("utf-8", "replace")
-    lines = (resp or b"").split(b"\n")
-    match = _STATUS.match(lines[0])
-    status = None
-    if match and int(match.group(1)) == code // 100:
-        status = b".".join(match.groups())
-        prefix = re.compile(re.escape(status) + rb"(?:[ \t]+|$)")
-        lines = [prefix.sub(b"", line, count=1) if prefix.match(line) else line for line in lines]
-    text = b"\n".join(lines).decode("utf-8", "replace")
-    return _Reason(code, status.decode("ascii") if status else default_status(code), text)
-
-
-def _temporary(reason, where):
-    """A remote reply as a temporary hop failure: 4xx as is, anything else as our 451."""
-    if 400 <= reason.code < 500:
-        return reason
-    said = " ".join(str(part) for part in (reason.code, reason.status, reason.text) if part)
-    if 500 <= reason.code < 600:
-        status = "4" + reason.status[1:] if reason.status else "4.0.0"
-        return _Reason(451, status, "%s said: %s (in reply to %s; treated as temporary)"
-                       % (where[0], said, where[1]))
-    text = "%s sent an unexpected reply to %s: %s" % (where[0], where[1], said)
-    return _Reason(451, "4.5.0", text)
-
-
-def _hostport(hop):
-    address = "[%s]" % hop.address if ":" in hop.address else hop.address
-    return "%s:%d" % (address, hop.port)
-
-
-def _label(hop):
-    """How a hop is named in our texts: 127.0.0.1:25, or mx.example.com (192.0.2.1:25)."""
-    if hop.name and hop.name != hop.address:
-        return "%s (%s)" % (hop.name, _hostport(hop))
-    return _hostport(hop)
 
 
 # --- TLS -----------------------------------------------------------------------------------------
@@ -259,10 +198,7 @@ class DeliverySender(smtp.ESMTPSender):
         return (_label(self.hop), self.phase)
 
     def _result(self, recipient, outcome, reason):
-        return RecipientResult(
-            recipient, outcome, reason.code, reason.status, reason.text,
-            remote=self.hop, tls=self.tls_version, session=self._session,
-        )
+        return session_result(recipient, outcome, reason, self.hop, self.tls_version, self._session)
 
     def _decide(self, final=None, retry=None, tls_failed=False):
         """Record the outcome of this connection (once)."""
@@ -624,33 +560,8 @@ class DeliverySender(smtp.ESMTPSender):
         Combine the RCPT replies ((address, code, resp) in the order sent) with the reply to DATA
         or to the final dot (or, when nobody was accepted, nothing).
         """
-        final, retry, accepted = {}, {}, []
-        rcpt_temporary = {}
-        for recipient, (_, rcode, rresp) in zip(self.factory.recipients, addresses):
-            reason = parse_reply(rcode, rresp)
-            if rcode in smtp.SUCCESS:
-                accepted.append(recipient)
-            elif 500 <= rcode < 600:
-                final[recipient] = self._result(recipient, "bounced", reason)
-            else:
-                rcpt_temporary[recipient] = self._result(recipient, "deferred", reason)
-        if not accepted:
-            retry.update(rcpt_temporary)  # nobody accepted here: the next hop may
-        else:
-            final.update(rcpt_temporary)
-            reason = parse_reply(code, resp)
-            if code in smtp.SUCCESS:
-                outcome = "delivered"
-            elif 500 <= code < 600:
-                outcome = "bounced"
-            else:
-                outcome = None
-                reason = _temporary(reason, self._where())
-            for recipient in accepted:
-                if outcome:
-                    final[recipient] = self._result(recipient, outcome, reason)
-                else:
-                    retry[recipient] = self._result(recipient, "deferred", reason)
+        final, retry = transaction_results(
+            self.factory.recipients, addresses, code, resp, self._where(), self._result)
         self._decide(final=final, retry=retry)
 
     # -- data source: ours, not SenderMixin's
@@ -663,21 +574,6 @@ class DeliverySender(smtp.ESMTPSender):
 
     def getMailData(self):
         return self.factory.file
-
-
-def _describe(reason):
-    value = reason.value if isinstance(reason, failure.Failure) else reason
-    text = str(value) or value.__class__.__name__
-    return text.replace("\n", " ")
-
-
-@attr.s(frozen=True, slots=True)
-class _Outcome:
-    """What one connection decided: final results, results to retry at the next hop."""
-
-    final = attr.ib()
-    retry = attr.ib()
-    tls_failed = attr.ib(default=False)
 
 
 class DeliveryFactory(smtp.ESMTPSenderFactory):
@@ -745,14 +641,6 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
         if not self.sendFinished:
             self.sendFinished = True
             self.result.callback(outcome)
-
-
-def _hop_failure(recipients, reason, remote=None):
-    retry = {
-        r: RecipientResult(r, "deferred", reason.code, reason.status, reason.text, remote=remote)
-        for r in recipients
-    }
-    return _Outcome({}, retry)
 
 
 # --- the deliverer -------------------------------------------------------------------------------
@@ -930,12 +818,3 @@ class Deliverer:
                 self._client_cert = kwargs
         return dict(self._client_cert)
 
-
-def _own(recipient, outcome, reason):
-    return RecipientResult(recipient, outcome, reason.code, reason.status, reason.text)
-
-
-def _first(outcome):
-    for result in list(outcome.retry.values()) + list(outcome.final.values()):
-        return result
-    return _Reason(451, "4.7.5", "TLS failure")

@@ -14,10 +14,10 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import TestCase
 
 from mailgate.config import DeliveryConfig, RouteConfig, TLSConfig
-from mailgate.delivery.client import Deliverer, parse_reply
+from mailgate.delivery.client import Deliverer
 from mailgate.delivery.dotstuff import stuff
 from mailgate.envelope import Hop
 from tests.sinks import Sink
@@ -966,32 +966,6 @@ class AuthTests(DeliveryTestCase):
             sink, route=make_route("required", username="relay", password="s3cret"))
         self.assertOutcome(result, "deferred", 451, "4.7.0")
         self.assertEqual(sink.transactions, [])
-
-
-# --- replies -------------------------------------------------------------------------------------
-
-
-class ReplyParsingTests(SynchronousTestCase):
-    def test_status_split(self):
-        r = parse_reply(550, b"5.1.1 No such user")
-        self.assertEqual((r.code, r.status, r.text), (550, "5.1.1", "No such user"))
-
-    def test_status_derived(self):
-        self.assertEqual(parse_reply(250, b"Ok").status, "2.0.0")
-        self.assertEqual(parse_reply(451, b"later").status, "4.0.0")
-        self.assertEqual(parse_reply(554, b"no").status, "5.0.0")
-
-    def test_status_class_must_match(self):
-        r = parse_reply(550, b"4.1.1 odd")
-        self.assertEqual((r.status, r.text), ("5.0.0", "4.1.1 odd"))
-
-    def test_multiline(self):
-        r = parse_reply(550, b"5.7.1 first line\n5.7.1 second line")
-        self.assertEqual((r.status, r.text), ("5.7.1", "first line\nsecond line"))
-
-    def test_status_only(self):
-        r = parse_reply(250, b"2.0.0")
-        self.assertEqual((r.status, r.text), ("2.0.0", ""))
 
 
 # --- protocol events -----------------------------------------------------------------------------

@@ -15,21 +15,8 @@ C3     If any byte is buffered behind the 220 reply to STARTTLS, the hop fails (
        and the hop is never retried in plaintext, whatever the policy.
 C4     retries=0 (the queue owns retries); connect_timeout, command_timeout per reply (on the
        injected reactor) and data_timeout around the DATA transfer and its final reply.
-C5     Per-route TLS policy, see below; an opportunistic STARTTLS that fails its handshake is
-       retried at once in plaintext on a new connection (logged as a downgrade).
-
-TLS policy (RouteConfig.tls)
-  none           never STARTTLS.
-  opportunistic  STARTTLS when offered, certificate not verified; plaintext when not offered or
-                 when the server refuses STARTTLS (same connection); a failed handshake -> one new
-                 plaintext connection to the same hop at once (not when credentials would have to
-                 be sent: AUTH needs TLS anyway).
-  required       STARTTLS must succeed (certificate not verified); not offered or refused -> the
-                 hop fails temporarily (451 4.7.4) before MAIL; handshake failure -> 451 4.7.5.
-  verify         as required, and the chain is verified against tls_config.ca_file (the system's
-                 trust store when None) and the name against Hop.name with service_identity (an
-                 IP address must be an IP SAN); failure -> 451 4.7.5, reason logged.
-  Our certificate (tls_config.certificate / private_key, when set) is offered when a server asks.
+C5     Per-route TLS policy (none, opportunistic, required, verify) and what it does when STARTTLS
+       is not offered, refused or fails: mailgate.delivery.tls.
 
 AUTH (route.username): PLAIN or LOGIN, whichever is offered (PLAIN preferred), and only inside TLS:
 without TLS the hop fails (451 4.7.10) before any credential is sent.  A refused login (535) is a
@@ -61,15 +48,8 @@ import re
 import secrets
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import connectionDone
-from twisted.internet.ssl import (
-    CertificateOptions,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-    Certificate,
-)
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IClientAuthentication
@@ -78,7 +58,6 @@ from zope.interface import implementer
 from mailgate.delivery.dotstuff import DotStuffer, stuff  # noqa: F401 (stuff: re-exported)
 from mailgate.delivery.outcome import (
     _describe,
-    _first,
     _hop_failure,
     _label,
     _Outcome,
@@ -89,49 +68,26 @@ from mailgate.delivery.outcome import (
     session_result,
     transaction_results,
 )
+from mailgate.delivery.tls import (
+    _PLAINTEXT,
+    POLICIES,
+    ClientTLS,
+    _TLSConfigError,
+    handshake_failed,
+    handshake_timed_out,
+    not_offered,
+    refused,
+    retry_in_plaintext,
+)
 from mailgate.smtp.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
 
 log = Logger(namespace="mailgate.delivery.client")
 
-POLICIES = ("none", "opportunistic", "required", "verify")
-# "plaintext" is internal: the immediate retry after an opportunistic handshake failure.
-_PLAINTEXT = "plaintext"
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REPLY_LINES = 100  # a longer reply is reported in several "reply" events
 _EVENT_LINE = 1000  # characters of one reply line kept in an event
-
-
-# --- TLS -----------------------------------------------------------------------------------------
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
-    """
-    Encrypt without verifying (opportunistic and required): CertificateOptions(verify=False) plus
-    SNI when the hop's name is a DNS name.
-    """
-
-    def __init__(self, options, hostname):
-        self._options = options
-        self._sni = None
-        if hostname and not is_ip_address(hostname):
-            try:
-                self._sni = hostname.encode("idna")
-            except UnicodeError:
-                self._sni = None
-
-    def clientConnectionForTLS(self, tlsProtocol):
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._sni:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
-
-
-class _TLSConfigError(Exception):
-    pass
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -285,12 +241,8 @@ class DeliverySender(smtp.ESMTPSender):
         if self.decided:
             return
         if self._tlsStarted and not self._handshakeDone:
-            text = "TLS handshake with %s failed: %s" % (_label(self.hop), _describe(reason))
-            log.warn(
-                "TLS with {hop_label} failed (tls = {policy}): {reason}",
-                hop_label=_label(self.hop), policy=self.factory.policy, reason=_describe(reason),
-            )
-            self._hopFailed(_Reason(451, "4.7.5", text), tls_failed=True)
+            self._hopFailed(handshake_failed(self.factory.policy, self.hop, reason),
+                            tls_failed=True)
         else:
             if reason.check(error.ConnectionDone):
                 text = "%s closed the connection during %s" % (_label(self.hop), self.phase)
@@ -303,10 +255,8 @@ class DeliverySender(smtp.ESMTPSender):
 
     def timeoutConnection(self):
         if not self.decided and self._tlsStarted and not self._handshakeDone:
-            text = "TLS handshake with %s timed out after %gs" % (_label(self.hop), self.timeout)
-            log.warn("TLS with {hop_label} failed (tls = {policy}): {reason}",
-                     hop_label=_label(self.hop), policy=self.factory.policy, reason=text)
-            self._failHop(_Reason(451, "4.7.5", text), abort=True, tls_failed=True)
+            reason = handshake_timed_out(self.factory.policy, self.hop, self.timeout)
+            self._failHop(reason, abort=True, tls_failed=True)
         elif not self.decided:
             reason = _Reason(451, "4.4.2", "timeout after %gs waiting for %s's reply to %s"
                              % (self.timeout, _label(self.hop), self.phase))
@@ -388,29 +338,18 @@ class DeliverySender(smtp.ESMTPSender):
             self._okresponse = self.esmtpState_starttls
             self._failresponse = self._starttlsRefused
             self.sendLine(b"STARTTLS")
-        elif policy == "opportunistic":
-            self.authenticate(code, resp, items)
         else:
-            text = "TLS is required (tls = %s), but %s does not offer STARTTLS" % (
-                policy, _label(self.hop))
-            log.warn("{text}", text=text, hop_label=_label(self.hop), policy=policy)
-            self._failHop(_Reason(451, "4.7.4", text))
+            failed = not_offered(policy, self.hop)
+            if failed is None:
+                self.authenticate(code, resp, items)
+            else:
+                self._failHop(failed)
 
     def _starttlsRefused(self, code, resp):
-        reason = parse_reply(code, resp)
-        if self.factory.policy == "opportunistic":
-            log.warn(
-                "TLS downgrade: {hop_label} refused STARTTLS ({code} {text}); continuing in"
-                " plaintext (tls = opportunistic)",
-                hop_label=_label(self.hop), hop_name=self.hop.name, address=self.hop.address,
-                port=self.hop.port, code=code, text=reason.text, event="tls_downgrade",
-            )
+        failed = refused(self.factory.policy, self.hop, code, parse_reply(code, resp))
+        if failed is None:
             return self.authenticate(code, resp, self._ehloItems)
-        said = " ".join(str(p) for p in (reason.code, reason.status, reason.text) if p)
-        text = "TLS is required (tls = %s), but %s refused STARTTLS: %s" % (
-            self.factory.policy, _label(self.hop), said)
-        log.warn("{text}", text=text, hop_label=_label(self.hop), policy=self.factory.policy)
-        self._failHop(_Reason(451, "4.7.4", text))
+        self._failHop(failed)
 
     def esmtpState_starttls(self, code, resp):
         if self._buffer:
@@ -660,9 +599,7 @@ class Deliverer:
         self.hostname = hostname
         self.config = delivery_config
         self.tls_config = tls_config
-        self._unverified = None
-        self._trust = None
-        self._client_cert = None
+        self._tls = ClientTLS(tls_config)
 
     def deliver(self, route, hops, sender, recipients, data):
         """
@@ -700,22 +637,9 @@ class Deliverer:
             if not pending:
                 break
             outcome = yield self._attempt(route, hop, policy, sender, list(pending), data)
-            if outcome.tls_failed and policy == "opportunistic":
-                if route.username:
-                    log.warn(
-                        "Not retrying {hop_label} in plaintext after the TLS failure: the route"
-                        " authenticates, and credentials are only sent over TLS",
-                        hop_label=_label(hop),
-                    )
-                else:
-                    log.warn(
-                        "TLS downgrade: STARTTLS with {hop_label} failed ({reason});"
-                        " retrying in plaintext at once (tls = opportunistic)",
-                        hop_label=_label(hop), hop_name=hop.name, address=hop.address,
-                        port=hop.port, reason=_first(outcome).text, event="tls_downgrade",
-                    )
-                    outcome = yield self._attempt(
-                        route, hop, _PLAINTEXT, sender, list(pending), data)
+            if retry_in_plaintext(policy, route, hop, outcome):
+                outcome = yield self._attempt(
+                    route, hop, _PLAINTEXT, sender, list(pending), data)
             for r, result in outcome.final.items():
                 results[r] = result
                 pending.pop(r, None)
@@ -734,7 +658,7 @@ class Deliverer:
                              % (hop.name, hop.address))
             return defer.succeed(_hop_failure(recipients, reason))
         try:
-            context = self._context(policy, hop)
+            context = self._tls.context(policy, hop)
         except _TLSConfigError as e:
             log.error("Cannot set up TLS for {hop_label}: {error}", hop_label=_label(hop),
                       error=str(e))
@@ -751,70 +675,3 @@ class Deliverer:
         self.reactor.connectTCP(hop.address, hop.port, factory,
                                 timeout=self.config.connect_timeout)
         return d
-
-    # -- TLS contexts
-
-    def _context(self, policy, hop):
-        if policy in ("none", _PLAINTEXT):
-            return None
-        if policy in ("opportunistic", "required"):
-            if self._unverified is None:
-                options = CertificateOptions(verify=False, **self._client_certificate())
-                self._unverified = options
-            return _UnverifiedClientTLS(self._unverified, hop.name)
-        name = (hop.name or hop.address).rstrip(".")
-        return optionsForClientTLS(
-            name, trustRoot=self._trust_root(),
-            extraCertificateOptions=self._client_certificate(),
-        )
-
-    def _trust_root(self):
-        if self._trust is None:
-            ca_file = self.tls_config.ca_file if self.tls_config else None
-            if not ca_file:
-                self._trust = platformTrust()
-            else:
-                from cryptography import x509
-                from cryptography.hazmat.primitives import serialization
-
-                try:
-                    with open(ca_file, "rb") as f:
-                        certs = x509.load_pem_x509_certificates(f.read())
-                except (OSError, ValueError) as e:
-                    raise _TLSConfigError("cannot load ca_file %s: %s" % (ca_file, e))
-                self._trust = trustRootFromCertificates([
-                    Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
-                    for c in certs
-                ])
-        return self._trust
-
-    def _client_certificate(self):
-        """CertificateOptions arguments offering our certificate, when one is configured."""
-        if self._client_cert is None:
-            config = self.tls_config
-            if not config or not config.certificate or not config.private_key:
-                self._client_cert = {}
-            else:
-                from mailgate import tls
-                from mailgate.errors import ConfigError
-
-                try:
-                    chain, key = tls.load_chain(config), tls.load_key(config)
-                except ConfigError as e:
-                    raise _TLSConfigError(str(e))
-                kwargs = dict(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
-                try:
-                    CertificateOptions(**kwargs).getContext()
-                except TypeError:  # pyOpenSSL older than 24.3 wants its own types
-                    from OpenSSL import crypto
-
-                    kwargs = dict(
-                        privateKey=crypto.PKey.from_cryptography_key(key),
-                        certificate=crypto.X509.from_cryptography(chain[0]),
-                        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-                    )
-                except Exception as e:
-                    raise _TLSConfigError("cannot use our certificate: %s" % (e,))
-                self._client_cert = kwargs
-        return dict(self._client_cert)
-

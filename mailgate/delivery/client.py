@@ -32,20 +32,12 @@ no recipient was accepted and some got a 4xx (those fail over; the 5xx ones boun
 reply while others were accepted defers that recipient for this attempt (no failover).  5xx at
 MAIL or after the final dot bounces every open recipient.
 
-Protocol events (events, a mailgate.events.EventBus, given to Deliverer): every connection is a
-session (a fresh id) emitting "protocol" events with session, route, direction "out", local,
-remote (ip:port), event and data: "connect" (data: the hop and the TLS policy; message_id: the
-Message-ID of the message being delivered, when it has one, so mailgate.ops.trace can tell which
-message a session was for even when it failed before MAIL), "command" (each line we send),
-"reply" (each complete reply, its lines joined by "\n"), "tls" (version and cipher, once the
-handshake is done) and "disconnect" (data: why, when not a clean close).  Credentials never
-appear: AUTH's initial response and every SASL response are "****".  The message itself is never
-an event (DATA goes through the transport, not sendLine): only the DATA command and the replies.
+Protocol events (each connection a session with its own id; credentials never appear):
+mailgate.delivery.transcript.
 """
 
 import io
 import re
-import secrets
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener
@@ -68,6 +60,7 @@ from mailgate.delivery.outcome import (
     session_result,
     transaction_results,
 )
+from mailgate.delivery.transcript import Transcript
 from mailgate.delivery.tls import (
     _PLAINTEXT,
     POLICIES,
@@ -86,8 +79,6 @@ from mailgate.events import message_id
 log = Logger(namespace="mailgate.delivery.client")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_REPLY_LINES = 100  # a longer reply is reported in several "reply" events
-_EVENT_LINE = 1000  # characters of one reply line kept in an event
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -126,16 +117,8 @@ class DeliverySender(smtp.ESMTPSender):
     # -- set-up and bookkeeping
 
     def connectionMade(self):
-        self._session = secrets.token_hex(6)
-        self._replyLines = []
-        self._sasl = False  # an AUTH exchange is in progress: what we send are credentials
-        self._quitState = None  # "sent", then "answered": the close that follows is the normal end
-        if self.factory.events is not None:
-            local, peer = self.transport.getHost(), self.transport.getPeer()
-            self._local = "%s:%s" % (getattr(local, "host", ""), getattr(local, "port", ""))
-            self._remote = "%s:%s" % (getattr(peer, "host", ""), getattr(peer, "port", ""))
-            self._event("connect", "%s tls=%s" % (_label(self.hop), self.factory.policy),
-                        message_id=self.factory.message_id)
+        self._transcript = Transcript(self.factory.events, self.factory.route, self.transport)
+        self._transcript.connect(self.hop, self.factory.policy, self.factory.message_id)
         self.phase = "the greeting"
         self.decided = False
         self.tls_version = None
@@ -154,7 +137,8 @@ class DeliverySender(smtp.ESMTPSender):
         return (_label(self.hop), self.phase)
 
     def _result(self, recipient, outcome, reason):
-        return session_result(recipient, outcome, reason, self.hop, self.tls_version, self._session)
+        return session_result(recipient, outcome, reason, self.hop, self.tls_version,
+                              self._transcript.session)
 
     def _decide(self, final=None, retry=None, tls_failed=False):
         """Record the outcome of this connection (once)."""
@@ -188,54 +172,18 @@ class DeliverySender(smtp.ESMTPSender):
         self.phase = "QUIT"
         self._disconnectFromServer()
 
-    # -- protocol events (nothing here changes what is sent or how replies are handled)
-
-    def _event(self, event, data="", **extra):
-        self.factory.events.emit(
-            "protocol", session=self._session, route=self.factory.route.name, direction="out",
-            local=self._local, remote=self._remote, event=event, data=data, **extra)
+    # -- the transcript (mailgate.delivery.transcript: it only watches)
 
     def sendLine(self, line):
-        if self.factory.events is not None:
-            self._event("command", self._masked(line))
-            if line == b"QUIT":
-                self._quitState = "sent"
+        self._transcript.command(line)
         smtp.ESMTPSender.sendLine(self, line)
 
-    def _masked(self, line):
-        if self._sasl:
-            return "****"  # a SASL response (or "*"): credentials
-        text = line.decode("utf-8", "replace")
-        if text[:5].upper() == "AUTH ":
-            self._sasl = True
-            words = text.split(" ")
-            return " ".join(words[:2] + ["****"] * (len(words) > 2))
-        return text
-
     def lineReceived(self, line):
-        if self.factory.events is not None:
-            self._replyLines.append(line[:_EVENT_LINE].decode("utf-8", "replace"))
-            if line[3:4] != b"-" or len(self._replyLines) >= _REPLY_LINES:
-                self._reportReply()
+        self._transcript.reply_line(line)
         return smtp.ESMTPSender.lineReceived(self, line)
 
-    def _reportReply(self):
-        lines, self._replyLines = self._replyLines, []
-        if lines:
-            if self._sasl and not lines[-1].startswith("334"):
-                self._sasl = False
-            if self._quitState == "sent":
-                self._quitState = "answered"
-            self._event("reply", "\n".join(lines))
-
     def connectionLost(self, reason=connectionDone):
-        if self.factory.events is not None:
-            self._reportReply()  # a reply cut short
-            # After our QUIT was answered, any close is the normal end (many servers close TLS
-            # without close_notify); before it, say why the connection went.
-            clean = (reason is None or reason.check(error.ConnectionDone)
-                     or self._quitState == "answered")
-            self._event("disconnect", "" if clean else _describe(reason))
+        self._transcript.disconnect(reason)
         smtp.ESMTPSender.connectionLost(self, reason)
         self._cancelDataTimer()
         if self.decided:
@@ -386,8 +334,7 @@ class DeliverySender(smtp.ESMTPSender):
         except Exception:
             self.tls_version = "TLS"
         self.phase = "EHLO after STARTTLS"
-        if self.factory.events is not None:
-            self._event("tls", "%s %s" % (self.tls_version, cipher))
+        self._transcript.tls(self.tls_version, cipher)
 
     # -- AUTH
 

@@ -7,7 +7,16 @@ Outbound delivery: one attempt to hand a message to the next hops of its route, 
 
 Built on twisted.mail.smtp's ESMTPSender and ESMTPSenderFactory (DeliverySender and
 DeliveryFactory below), with the client-side weaknesses listed in ../shared/twisted-mail-notes.md
-fixed:
+fixed.  This module owns the SMTP dialogue and its state (DeliverySender), one connection
+(DeliveryFactory) and the hop failover of an attempt (Deliverer); the parts that do not need the
+dialogue's state are units of their own, each with its part of this contract:
+
+  mailgate.delivery.dotstuff    the DATA transform (C1/C2)
+  mailgate.delivery.tls         the outbound TLS policy decision (C5)
+  mailgate.delivery.outcome     the reply-to-outcome mapping and the codes we report
+  mailgate.delivery.transcript  the per-attempt transcript: session id and protocol events
+
+DotStuffer, stuff, parse_reply and POLICIES stay importable from here.
 
 C1/C2  dot-stuffing and CRLF across chunks: mailgate.delivery.dotstuff.
 C3     If any byte is buffered behind the 220 reply to STARTTLS, the hop fails (451 4.7.0 "STARTTLS
@@ -60,7 +69,6 @@ from mailgate.delivery.outcome import (
     session_result,
     transaction_results,
 )
-from mailgate.delivery.transcript import Transcript
 from mailgate.delivery.tls import (
     _PLAINTEXT,
     POLICIES,
@@ -72,6 +80,7 @@ from mailgate.delivery.tls import (
     refused,
     retry_in_plaintext,
 )
+from mailgate.delivery.transcript import Transcript
 from mailgate.smtp.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
@@ -106,7 +115,8 @@ class DeliverySender(smtp.ESMTPSender):
     it to the Deliverer when the connection is gone.
     """
 
-    # No transcript: it would hold the AUTH exchange (credentials) and it is never shown anyway.
+    # No SMTPClient debug transcript: it would hold the AUTH exchange (credentials) and it is never
+    # shown anyway.  (Our protocol events are mailgate.delivery.transcript's, credentials masked.)
     debug = False
 
     def _registerAuthenticators(self):

@@ -7,7 +7,10 @@ import re
 import attr
 import pytest
 
-import mailgate.config as config_module
+# The modules that look up socket.getfqdn and open, for the tests that patch them.
+import mailgate.config.gateway as gateway_module
+import mailgate.config.loader as loader_module
+import mailgate.config.types as types_module
 from mailgate.config import (
     DEFAULT_BLOCKED_EXTENSIONS,
     SECTIONS,
@@ -102,13 +105,13 @@ def test_types_of_values(tmp_path):
 
 
 def test_hostname_defaults_to_the_fqdn(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "Box.Example.NET")
+    monkeypatch.setattr(gateway_module.socket, "getfqdn", lambda: "Box.Example.NET")
     config = load(tmp_path, PLAIN.replace("hostname = mx.example.com\n", ""))
     assert config.gateway.hostname == "box.example.net"
 
 
 def test_invalid_fqdn_needs_hostname(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "my_box")
+    monkeypatch.setattr(gateway_module.socket, "getfqdn", lambda: "my_box")
     message = error(tmp_path, PLAIN.replace("hostname = mx.example.com\n", ""))
     assert message == (
         "FILE: [gateway] hostname: not set, and this machine's name 'my_box' is not a valid hostname"
@@ -305,11 +308,9 @@ def _deny(target):
 
 
 def test_unreadable_users_file(tmp_path, monkeypatch):
-    import mailgate.config
-
     users = tmp_path / "users"
     users.write_text("")
-    monkeypatch.setattr(mailgate.config, "open", _deny(users), raising=False)
+    monkeypatch.setattr(types_module, "open", _deny(users), raising=False)
     text = PLAIN.replace("auth = none", "auth = optional") + "[auth]\nusers_file = users\n"
     assert error(tmp_path, text) == "FILE: [auth] users_file: not readable: %s" % users
 
@@ -573,10 +574,8 @@ def test_null_byte_in_name():
 
 
 def test_unreadable(tmp_path, monkeypatch):
-    import mailgate.config
-
     path = write(tmp_path, PLAIN)
-    monkeypatch.setattr(mailgate.config, "open", _deny(path), raising=False)
+    monkeypatch.setattr(loader_module, "open", _deny(path), raising=False)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == "%s: cannot read: Permission denied" % path
@@ -604,7 +603,7 @@ def test_ca_file(tmp_path):
 
 def test_ca_file_unreadable(tmp_path, monkeypatch):
     (tmp_path / "ca.pem").write_text("x")
-    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "ca.pem"), raising=False)
+    monkeypatch.setattr(types_module, "open", _deny(tmp_path / "ca.pem"), raising=False)
     message = error(tmp_path, PLAIN + "[tls]\nca_file = ca.pem\n")
     assert message == "FILE: [tls] ca_file: not readable: %s" % (tmp_path / "ca.pem")
 
@@ -724,7 +723,7 @@ def test_password_file(tmp_path):
 
 def test_password_file_unreadable(tmp_path, monkeypatch):
     (tmp_path / "pw").write_text("x\n")
-    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "pw"), raising=False)
+    monkeypatch.setattr(types_module, "open", _deny(tmp_path / "pw"), raising=False)
     message = error(tmp_path, PLAIN + route(username="u", password_file="pw"))
     assert message == "FILE: [route:r] password_file: not readable: %s" % (tmp_path / "pw")
 
@@ -773,7 +772,7 @@ def test_dkim_private_key_checked_when_set(tmp_path):
 
 def test_dkim_private_key_unreadable(tmp_path, monkeypatch):
     (tmp_path / "dkim.key").write_text("x")
-    monkeypatch.setattr(config_module, "open", _deny(tmp_path / "dkim.key"), raising=False)
+    monkeypatch.setattr(types_module, "open", _deny(tmp_path / "dkim.key"), raising=False)
     text = PLAIN + "[dkim]\nsign_domains = example.com\nselector = s\nprivate_key = dkim.key\n"
     assert error(tmp_path, text) == "FILE: [dkim] private_key: not readable: %s" % (tmp_path / "dkim.key")
 

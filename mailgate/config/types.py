@@ -1,0 +1,603 @@
+"""
+The value kinds: each turns the text of one ini value into a typed value (raising ValueError with
+what was expected and what was given) and back into text for render_config.
+
+Sizes are ints (bytes), durations are floats (seconds), CIDR lists are tuples of
+ipaddress.ip_network objects, paths are absolute str.  The kinds know nothing of sections, so
+every section module shares them.
+"""
+
+import configparser
+import ipaddress
+import os
+import re
+import stat
+
+import attr
+from twisted.internet import endpoints
+
+
+def _expected(what, text):
+    return ValueError("expected %s, got %r" % (what, text))
+
+
+def _items(text):
+    """Comma-separated (or continued on indented lines); blanks around items are ignored."""
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+@attr.s(frozen=True)
+class Int:
+    minimum = attr.ib(default=None)
+    maximum = attr.ib(default=None)
+
+    def parse(self, text, base):
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise _expected("an integer", text)
+        value = int(text)
+        too_small = self.minimum is not None and value < self.minimum
+        too_big = self.maximum is not None and value > self.maximum
+        if (too_small or too_big) and None not in (self.minimum, self.maximum):
+            raise _expected("an integer from %d to %d" % (self.minimum, self.maximum), text)
+        if too_small:
+            raise _expected("an integer >= %d" % self.minimum, text)
+        if too_big:
+            raise _expected("an integer <= %d" % self.maximum, text)
+        return value
+
+    def render(self, value):
+        return str(value)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@attr.s(frozen=True)
+class Size:
+    """Bytes, or K/M/G in powers of 1024 (35M, 512K, 1048576)."""
+
+    minimum = attr.ib(default=1)
+
+    def parse(self, text, base):
+        match = re.fullmatch(r"([0-9]+) *([KMG]?)", text, re.IGNORECASE)
+        if not match:
+            raise _expected("a size like 35M", text)
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+        if value < self.minimum:
+            raise _expected("a size of at least %d bytes" % self.minimum, text)
+        return value
+
+    def render(self, value):
+        for unit in "GMK":
+            if value and value % _SIZE_UNITS[unit] == 0:
+                return "%d%s" % (value // _SIZE_UNITS[unit], unit)
+        return str(value)
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@attr.s(frozen=True)
+class Duration:
+    """Seconds, or a number with an s/m/h/d suffix (30, 10s, 5m, 1h, 2d); a float of seconds."""
+
+    positive = attr.ib(default=True)
+
+    def parse(self, text, base):
+        match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) *([smhd]?)", text, re.IGNORECASE)
+        if not match:
+            raise _expected("a duration like 30s, 5m, 1h or 2d", text)
+        value = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+        if self.positive and value <= 0:
+            raise _expected("a duration greater than 0", text)
+        return value
+
+    def render(self, value):
+        if value != int(value):
+            return "%ss" % (value,)
+        for unit in "dhm":
+            if value and value % _DURATION_UNITS[unit] == 0:
+                return "%d%s" % (value // _DURATION_UNITS[unit], unit)
+        return "%ds" % (value,)
+
+
+@attr.s(frozen=True)
+class Bool:
+    def parse(self, text, base):
+        try:
+            return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
+        except KeyError:
+            raise _expected("yes or no", text) from None
+
+    def render(self, value):
+        return "yes" if value else "no"
+
+
+@attr.s(frozen=True)
+class Choice:
+    choices = attr.ib()  # the canonical spellings; matched without regard to case
+
+    def parse(self, text, base):
+        for choice in self.choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise _expected("one of %s" % ", ".join(self.choices), text)
+
+    def render(self, value):
+        return value
+
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _hostname(text):
+    """A lower-case DNS name (LDH labels); one trailing dot is dropped."""
+    name = text.lower()
+    name = name[:-1] if name.endswith(".") else name
+    if 1 <= len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return name
+    raise _expected("a hostname like mail.example.com", text)
+
+
+@attr.s(frozen=True)
+class Hostname:
+    def parse(self, text, base):
+        return _hostname(text)
+
+    def render(self, value):
+        return value
+
+
+@attr.s(frozen=True)
+class DomainList:
+    """A tuple of lower-case domains, duplicates dropped, order kept."""
+
+    def parse(self, text, base):
+        domains = []
+        for item in _items(text):
+            try:
+                domain = _hostname(item)
+            except ValueError:
+                raise _expected("a comma-separated list of domains like example.com", item)
+            if domain not in domains:
+                domains.append(domain)
+        return tuple(domains)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class NetworkList:
+    """A tuple of ipaddress networks; a bare address is a single host."""
+
+    def parse(self, text, base):
+        return tuple(self._network(item) for item in _items(text))
+
+    def _network(self, item):
+        what = "an address or network like 192.0.2.0/24 or 2001:db8::/32"
+        try:
+            return ipaddress.ip_network(item)
+        except ValueError:
+            pass
+        try:
+            loose = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _expected(what, item) from None
+        raise ValueError("%s (host bits set: did you mean %s?)" % (_expected(what, item), loose))
+
+    def render(self, value):
+        return ", ".join(str(network) for network in value)
+
+
+@attr.s(frozen=True)
+class Path:
+    """An absolute path; relative ones are taken from the config file's directory."""
+
+    optional = attr.ib(default=True)  # then an empty value means not set: None
+
+    def parse(self, text, base):
+        if not text and self.optional:
+            return None
+        if not text or "\n" in text or "\0" in text:
+            raise _expected("a path", text)
+        return os.path.normpath(os.path.join(base, text))
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+
+@attr.s(frozen=True)
+class Endpoint:
+    """A Twisted server endpoint string of an allowed type, kept as written."""
+
+    def parse(self, text, base):
+        kind = text.split(":", 1)[0]
+        if kind == "ssl":
+            message = "ssl endpoints are not used: write tcp:PORT and tls = implicit, got %r"
+            raise ValueError(message % text)
+        if kind not in _ENDPOINT_TYPES or ":" not in text:
+            what = "an endpoint like tcp:25 of type %s" % ", ".join(_ENDPOINT_TYPES)
+            raise _expected(what, text)
+        try:
+            endpoint = endpoints.serverFromString(None, text)
+        except (IndexError, KeyError):
+            if kind != "systemd":
+                raise _expected("a valid %s endpoint" % kind, text) from None
+            return text  # systemd's descriptors exist only once systemd starts us
+        except Exception as e:
+            raise ValueError("%s (%s)" % (_expected("a valid %s endpoint" % kind, text), e))
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise _expected("a port from 0 to 65535", text)
+        return text
+
+    def render(self, value):
+        return value
+
+
+@attr.s(frozen=True)
+class OptionalEndpoint:
+    """An Endpoint, or empty for "off"."""
+
+    def parse(self, text, base):
+        return Endpoint().parse(text, base) if text else None
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+@attr.s(frozen=True)
+class Port:
+    def parse(self, text, base):
+        return _port(text, text)
+
+    def render(self, value):
+        return str(value)
+
+
+def _port(text, item):
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise _expected("a port from 1 to 65535", item)
+    return int(text)
+
+
+def _split_port(item):
+    """
+    'host', 'host:port', '[v6]', '[v6]:port' or a bare IPv6 address (which cannot carry a port)
+    -> (host, port text or None, whether the host was in brackets).
+    """
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", item)
+    if bracketed:
+        return bracketed.group(1), bracketed.group(2), True
+    if item.count(":") > 1:
+        return item, None, False
+    host, colon, port = item.partition(":")
+    return host, (port if colon else None), False
+
+
+def _ip(text):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _join_port(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+@attr.s(frozen=True)
+class NameserverList:
+    """A tuple of (ip str, port int): 192.0.2.53, 192.0.2.53:5353, ::1 or [::1]:5353 (port 53)."""
+
+    def parse(self, text, base):
+        servers = []
+        for item in _items(text):
+            host, port, bracketed = _split_port(item)
+            address = _ip(host)
+            if address is None or (bracketed and ":" not in address):
+                what = "a nameserver address like 192.0.2.53, 192.0.2.53:5353, ::1 or [::1]:5353"
+                raise _expected(what, item)
+            server = (address, 53 if port is None else _port(port, item))
+            if server not in servers:
+                servers.append(server)
+        return tuple(servers)
+
+    def render(self, value):
+        return ", ".join(_join_port(host, port) for host, port in value)
+
+
+@attr.s(frozen=True)
+class HostList:
+    """A tuple of (host str, port int): a DNS name or an IP address, then :port (default 25)."""
+
+    default_port = attr.ib(default=25)
+    _WHAT = "a host like mx.example.com, mx.example.com:587, 192.0.2.25 or [2001:db8::25]:25"
+
+    def parse(self, text, base):
+        hosts = []
+        for item in _items(text):
+            host, port, bracketed = _split_port(item)
+            name = _ip(host)
+            if name is None and not bracketed:
+                name = self._name(host)
+            if name is None or (bracketed and ":" not in name):
+                raise _expected(self._WHAT, item)
+            one = (name, self.default_port if port is None else _port(port, item))
+            if one not in hosts:
+                hosts.append(one)
+        return tuple(hosts)
+
+    def _name(self, text):
+        try:
+            name = _hostname(text)
+        except ValueError:
+            return None
+        # An all-numeric last label is a mistyped address (192.0.2.300), never a name.
+        return None if name.rsplit(".", 1)[-1].isdigit() else name
+
+    def render(self, value):
+        return ", ".join(_join_port(host, port) for host, port in value)
+
+
+@attr.s(frozen=True)
+class DurationList:
+    """A tuple of durations, at least one."""
+
+    def parse(self, text, base):
+        durations = tuple(Duration().parse(item, base) for item in _items(text))
+        if not durations:
+            raise _expected("at least one duration like 1m, 5m, 1h", text)
+        return durations
+
+    def render(self, value):
+        return ", ".join(Duration().render(one) for one in value)
+
+
+@attr.s(frozen=True)
+class RouteDomains:
+    """At least one of: example.com (exact), .example.com (its subdomains), * (everything else)."""
+
+    def parse(self, text, base):
+        domains = []
+        for item in _items(text):
+            domain = self._one(item)
+            if domain not in domains:
+                domains.append(domain)
+        if not domains:
+            raise _expected("a list of domains like example.com, .example.com or *", text)
+        return tuple(domains)
+
+    def _one(self, item):
+        if item == "*":
+            return item
+        dot = "." if item.startswith(".") else ""
+        try:
+            return dot + _hostname(item[len(dot):])
+        except ValueError:
+            pass
+        what = "a domain like example.com, .example.com (its subdomains) or * (any other)"
+        if item.startswith("*."):
+            raise ValueError("%s (did you mean %r?)" % (_expected(what, item), item[1:]))
+        raise _expected(what, item)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class Label:
+    """One lower-case DNS label (a DKIM selector)."""
+
+    optional = attr.ib(default=True)  # then an empty value means not set: None
+
+    def parse(self, text, base):
+        if not text and self.optional:
+            return None
+        if not _LABEL.fullmatch(text.lower()):
+            raise _expected("a DNS label like mail2024 (letters, digits and '-')", text)
+        return text.lower()
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ':'
+
+
+@attr.s(frozen=True)
+class HeaderList:
+    """A tuple of lower-case header field names, repeats kept (a repeat oversigns)."""
+
+    def parse(self, text, base):
+        names = _items(text)
+        for name in names:
+            if not _HEADER_NAME.fullmatch(name):
+                raise _expected("a list of header names like from, to, subject", name)
+        return tuple(name.lower() for name in names)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class Text:
+    """One line of text, kept as written (a username, a password); empty means not set: None."""
+
+    def parse(self, text, base):
+        if "\n" in text:
+            raise ValueError("expected a single line, got a value continued on the next line")
+        return text or None
+
+    def render(self, value):
+        return "" if value is None else value
+
+
+def _file_problem(filename):
+    """
+    None if filename is a readable regular file, else what is wrong.  Stat first so that a FIFO
+    or a directory is refused without blocking on open.
+    """
+    try:
+        mode = os.stat(filename).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "file not found: %s" % filename
+    except OSError:
+        return "not readable: %s" % filename
+    if not stat.S_ISREG(mode):
+        return "not a file: %s" % filename
+    try:
+        open(filename, "rb").close()
+    except OSError:
+        return "not readable: %s" % filename
+    return None
+
+
+@attr.s(frozen=True)
+class SecretFile:
+    """
+    A path to a file whose first line (stripped) is a secret, read at load: the value is the
+    secret, not the path (None when not set).
+    """
+
+    _MAX_LINE = 4096
+
+    def parse(self, text, base):
+        filename = Path().parse(text, base)
+        if filename is None:
+            return None
+        problem = _file_problem(filename)
+        if problem:
+            raise ValueError(problem)
+        try:
+            with open(filename, "rb") as f:
+                line = f.readline(self._MAX_LINE + 1)
+        except OSError:
+            raise ValueError("not readable: %s" % filename) from None
+        if len(line) > self._MAX_LINE:
+            raise ValueError("first line longer than %d bytes: %s" % (self._MAX_LINE, filename))
+        try:
+            secret = line.decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text: %s" % filename) from None
+        if not secret:
+            raise ValueError("empty first line, expected the password: %s" % filename)
+        return secret
+
+    def render(self, value):
+        return ""  # the secret itself is rendered by the key it stands for
+
+
+BUILTIN_FILTERS = ("spf", "dkim", "dmarc", "attachments")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED_PATH = re.compile(r"%s(?:\.%s)+" % (_IDENTIFIER, _IDENTIFIER))
+
+
+@attr.s(frozen=True)
+class FilterList:
+    """
+    A tuple of filter names in order, each once: a built-in (any case, kept lower-case) or the
+    dotted path of a class (package.module.ClassName, kept as written; not imported here).
+    Empty: no filters.
+    """
+
+    def parse(self, text, base):
+        names = []
+        for item in _items(text):
+            name = item.lower() if item.lower() in BUILTIN_FILTERS else item
+            if name not in BUILTIN_FILTERS and not _DOTTED_PATH.fullmatch(name):
+                what = "a filter name: %s, or a dotted path like package.module.ClassName"
+                error = _expected(what % ", ".join(BUILTIN_FILTERS), item)
+                if item.lower() == "none":
+                    error = ValueError("%s (for no filters, leave the value empty)" % error)
+                raise error
+            if name in names:
+                raise ValueError("%s is listed twice" % name)
+            names.append(name)
+        return tuple(names)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+_EXTENSION = re.compile(r"[a-z0-9_+-]+")
+
+
+@attr.s(frozen=True)
+class ExtensionList:
+    """
+    A tuple of lower-case file name extensions without their dot (a leading dot is dropped),
+    duplicates dropped, order kept.  Empty, or none alone: no extension.  In a list, none is a
+    mistake; the extension is written .none.
+    """
+
+    def parse(self, text, base):
+        if text.strip().lower() == "none":
+            return ()
+        extensions = []
+        for item in _items(text):
+            extension = item.lower()[1:] if item.startswith(".") else item.lower()
+            if not _EXTENSION.fullmatch(extension) or item.lower() == "none":
+                raise _expected("none, or a list of file name extensions like exe, .js, docm", item)
+            if extension not in extensions:
+                extensions.append(extension)
+        return tuple(extensions)
+
+    def render(self, value):
+        return ", ".join(value) if value else "none"
+
+
+_MIME_NAME = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"  # RFC 6838 restricted-name
+_MIME_TYPE = re.compile(r"%s/(?:%s|\*)" % (_MIME_NAME, _MIME_NAME))
+
+
+@attr.s(frozen=True)
+class MimeTypeList:
+    """A tuple of lower-case "type/subtype" or "type/*", duplicates dropped, order kept."""
+
+    def parse(self, text, base):
+        types = []
+        for item in _items(text):
+            if not _MIME_TYPE.fullmatch(item.lower()):
+                what = "a list of MIME types like application/x-msdownload or application/*"
+                raise _expected(what, item)
+            if item.lower() not in types:
+                types.append(item.lower())
+        return tuple(types)
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class Ratio:
+    """A number from 0 to 1 (0 often meaning off)."""
+
+    def parse(self, text, base):
+        try:
+            value = float(text)
+        except ValueError:
+            raise _expected("a number from 0 to 1", text) from None
+        if not 0 <= value <= 1:
+            raise _expected("a number from 0 to 1", text)
+        return value
+
+    def render(self, value):
+        return repr(float(value))
+
+
+@attr.s(frozen=True)
+class Command:
+    """A shell command line, kept as written; empty: none."""
+
+    def parse(self, text, base):
+        if "\n" in text or "\0" in text:
+            raise _expected("a one-line command", text)
+        return text or None
+
+    def render(self, value):
+        return value or ""

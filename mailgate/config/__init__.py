@@ -4,7 +4,7 @@ The gateway's configuration: the ini file is read and validated here, once, into
 No other module reads the ini.  Every problem is a mailgate.errors.ConfigError naming the file,
 section and key.  Relative paths in a config file are relative to the directory holding that file.
 
-Parsing is driven by SECTIONS (one table of key -> Key(kind, default) per section).  The package:
+Parsing is driven by SECTIONS (one table of key -> Key(kind, default, doc) per section):
 
     types.py      the value kinds (Int, Size, Duration, Path, Endpoint, ...), shared by sections
     schema.py     Key and Section, what a section module builds its tables from
@@ -17,11 +17,13 @@ Parsing is driven by SECTIONS (one table of key -> Key(kind, default) per sectio
     sections.py   Config and SECTIONS: every section, in the order they are built and rendered
     loader.py     load_config, and CHECKS (the checks spanning sections)
     render.py     render_config
+    reference.py  the README's reference tables, generated from the Keys' documentation
 
-To add a key: one Key in its section's module, and a line in etc/mailgate.ini (a test checks
-it).  To add a section: its frozen attrs class, key table and Section in the module of its group,
-a field for it in Config and one SECTIONS entry (named=True for [KIND:NAME] sections that may
-repeat; they become a tuple).  Checks spanning sections go in CHECKS.
+To add a key: one Key, documented, in its section's module; a line in etc/mailgate.ini; then
+`python -m mailgate.config.reference README.md` (tests check both files).  To add a section: its
+frozen attrs class, key table and Section in the module of its group, a field for it in Config
+and one SECTIONS entry (named=True for [KIND:NAME] sections that may repeat; they become a
+tuple), and a <!-- keys:KIND --> block in the README.  Checks spanning sections go in CHECKS.
 
 Other modules import from mailgate.config itself, which re-exports every public name.
 """

@@ -47,26 +47,112 @@ class DKIMConfig:
 
 
 DELIVERY_KEYS = {
-    "mx_port": Key(Port(), "25"),
-    "concurrency": Key(Int(1), "20"),
-    "per_destination_concurrency": Key(Int(1), "4"),
-    "retry": Key(DurationList(), "1m, 5m, 15m, 30m, 1h, 2h, 4h"),
-    "max_lifetime": Key(Duration(), "2d"),
-    "delay_warning": Key(Duration(positive=False), "4h"),
-    "connect_timeout": Key(Duration(), "30s"),
-    "command_timeout": Key(Duration(), "5m"),
-    "data_timeout": Key(Duration(), "10m"),
+    "mx_port": Key(
+        Port(), "25",
+        doc="The port of the MX hosts that `mx = yes` routes deliver to (change it only for "
+        "testing).",
+        example="2525",
+    ),
+    "concurrency": Key(
+        Int(1), "20", doc="Outgoing connections at most, over all destinations.", example="50"
+    ),
+    "per_destination_concurrency": Key(
+        Int(1), "4",
+        doc="Outgoing connections at most to one destination (a smarthost, or a domain's MX "
+        "hosts).",
+        example="2",
+    ),
+    "retry": Key(
+        DurationList(), "1m, 5m, 15m, 30m, 1h, 2h, 4h",
+        doc="The waits between attempts after a temporary failure: the first attempt is retried "
+        "after the first wait, and so on; the last wait repeats until `max_lifetime`.",
+        example="5m, 30m, 1h",
+    ),
+    "max_lifetime": Key(
+        Duration(), "2d",
+        doc="How long a message is retried before it is bounced to its sender.",
+        example="5d",
+    ),
+    "delay_warning": Key(
+        Duration(positive=False), "4h",
+        doc="After how long still undelivered the sender is sent a delay notice (delivery goes "
+        "on).",
+        example="0",
+    ),
+    "connect_timeout": Key(
+        Duration(), "30s",
+        doc="How long to wait for the TCP connection to the next hop.",
+        example="1m",
+    ),
+    "command_timeout": Key(
+        Duration(), "5m",
+        doc="How long to wait for the server's reply to each command (RFC 5321 asks for at "
+        "least 5 minutes for most).",
+        example="10m",
+    ),
+    "data_timeout": Key(
+        Duration(), "10m",
+        doc="How long to wait for the server's reply after the end of the message (RFC 5321: "
+        "10 minutes).",
+        example="15m",
+    ),
 }
 
 ROUTE_KEYS = {
-    "domains": Key(RouteDomains()),
-    "smarthost": Key(HostList(), ""),
-    "mx": Key(Bool(), "no"),
-    "tls": Key(Choice(("none", "opportunistic", "required", "verify")), "opportunistic"),
-    "username": Key(Text(), ""),
-    "password": Key(Text(), ""),
-    "password_file": Key(SecretFile(), ""),
-    "dkim_sign": Key(Bool(), lambda values, built: values["mx"]),
+    "domains": Key(
+        RouteDomains(),
+        doc="The recipient domains this route is for: `example.com` that domain exactly, "
+        "`.example.com` any subdomain of example.com (not example.com itself), `*` every domain "
+        "no other route names.  Lower-cased.  An entry may be in one route only "
+        "(`[route:b] domains: example.com is already in [route:a]`).",
+        example="example.com, .example.com",
+    ),
+    "smarthost": Key(
+        HostList(), "",
+        doc="The servers to hand the mail to, tried in order.  Exactly one of `smarthost` and "
+        "`mx = yes` is required.",
+        example="exchange1.corp.example:25, exchange2.corp.example:25",
+    ),
+    "mx": Key(
+        Bool(), "no",
+        doc="`yes`: deliver to the MX hosts of each recipient domain (port `[delivery] "
+        "mx_port`), the way to the internet.",
+        example="yes",
+    ),
+    "tls": Key(
+        Choice(("none", "opportunistic", "required", "verify")), "opportunistic",
+        doc="TLS towards the next hop.  `opportunistic`: STARTTLS when the server offers it, any "
+        "certificate.  `required`: no delivery without STARTTLS, any certificate.  `verify`: "
+        "STARTTLS with a certificate trusted by `[tls] ca_file` (or the system's trust store "
+        "when unset).",
+        example="verify",
+    ),
+    "username": Key(
+        Text(), "",
+        doc="The SMTP AUTH username for the smarthost.  Needs `password` or `password_file`, "
+        "and `tls` other than `none`: credentials are sent only over TLS.",
+        example="gateway@corp.example",
+    ),
+    "password": Key(
+        Text(), "",
+        doc="The SMTP AUTH password, as written (a password with ` #` in it, or starting with "
+        "`#`, must go in a `password_file`).  Needs `username`.",
+        example="s3cret",
+    ),
+    "password_file": Key(
+        SecretFile(), "",
+        doc="A file whose first line (blanks around it removed) is the password, read when the "
+        "configuration is loaded; it must exist, be readable and have a non-empty first line.  "
+        "Not with `password`.",
+        example="/etc/mailgate/smarthost.password",
+    ),
+    "dkim_sign": Key(
+        Bool(), lambda values, built: values["mx"],
+        default_doc="`yes` for `mx = yes` routes, `no` for smarthost routes",
+        doc="Sign mail leaving by this route with the `[dkim]` key (only for the `[dkim] "
+        "sign_domains`).",
+        example="no",
+    ),
 }
 
 
@@ -102,10 +188,30 @@ def _check_route(values):
 
 
 DKIM_KEYS = {
-    "sign_domains": Key(DomainList(), ""),
-    "selector": Key(Label(), ""),
-    "private_key": Key(Path(), ""),
-    "headers": Key(HeaderList(), ", ".join(attr.fields(DKIMConfig).headers.default)),
+    "sign_domains": Key(
+        DomainList(), "",
+        default_doc="empty: no signing",
+        doc="The sender domains mail is signed for.",
+        example="example.com, example.org",
+    ),
+    "selector": Key(
+        Label(), "",
+        doc="The selector: the public key is published at `SELECTOR._domainkey.DOMAIN`.  "
+        "Required when `sign_domains` is set.",
+        example="mail2024",
+    ),
+    "private_key": Key(
+        Path(), "",
+        doc="The private key, PEM.  Required when `sign_domains` is set; it must exist and be "
+        "readable.",
+        example="/etc/mailgate/dkim.key",
+    ),
+    "headers": Key(
+        HeaderList(), ", ".join(attr.fields(DKIMConfig).headers.default),
+        doc="The header fields signed.  A name listed twice is oversigned: no second copy can "
+        "be added after signing.  Must include `from`.",
+        example="from, from, to, subject, date",
+    ),
 }
 
 

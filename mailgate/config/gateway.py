@@ -43,22 +43,69 @@ def _default_hostname(values, built):
 
 
 GATEWAY_KEYS = {
-    "hostname": Key(Hostname(), _default_hostname),
-    "accepted_domains": Key(DomainList(), ""),
-    "max_message_size": Key(Size(), "35M"),
+    "hostname": Key(
+        Hostname(), _default_hostname,
+        default_doc="the machine's fully qualified name (`socket.getfqdn()`)",
+        doc="The name the gateway uses for itself: the SMTP greeting, EHLO and `Received:` "
+        "headers.  Set it to the name the MX record points to.",
+        example="mx1.example.com",
+    ),
+    "accepted_domains": Key(
+        DomainList(), "",
+        doc="The domains mail is accepted for from anyone (inbound mail).  Exact domains: "
+        "`example.com` does not include `sub.example.com`.  Mail to other domains is relayed "
+        "only for authenticated users and `relay_ips`.",
+        example="example.com, example.org",
+    ),
+    "max_message_size": Key(
+        Size(), "35M",
+        doc="The largest message accepted (announced with EHLO `SIZE`); the default for every "
+        "listener's `max_message_size`.",
+        example="50M",
+    ),
 }
 
 LIMITS_KEYS = {
-    "max_auth_failures": Key(Int(1), "3"),
-    "max_errors": Key(Int(1), "10"),
-    "command_timeout": Key(Duration(), "5m"),
-    "data_timeout": Key(Duration(), "10m"),
-    "session_timeout": Key(Duration(), "30m"),
+    "max_auth_failures": Key(
+        Int(1), "3", doc="Failed AUTH attempts before the connection is closed.", example="5"
+    ),
+    "max_errors": Key(
+        Int(1), "10", doc="Bad or out-of-order commands before the connection is closed.",
+        example="20",
+    ),
+    "command_timeout": Key(
+        Duration(), "5m",
+        doc="How long to wait for the client's next command (RFC 5321 asks for at least 5 "
+        "minutes).",
+        example="10m",
+    ),
+    "data_timeout": Key(
+        Duration(), "10m", doc="How long to wait for more of the message during DATA.",
+        example="15m",
+    ),
+    "session_timeout": Key(
+        Duration(), "30m",
+        doc="The total time a connection may stay open however active it is: the guard against "
+        "clients that trickle bytes to hold connections (slowloris).",
+        example="1h",
+    ),
 }
 
 DNS_KEYS = {
-    "nameservers": Key(NameserverList(), ""),
-    "timeout": Key(Duration(), "5s"),
+    "nameservers": Key(
+        NameserverList(), "",
+        default_doc="empty: the system's resolver (`/etc/resolv.conf`)",
+        doc="The DNS servers to ask, in order.  The port defaults to 53; an IPv6 address is "
+        "written bare (`::1`, port 53) or in brackets with a port (`[::1]:5353`).  Addresses "
+        "only, no names.",
+        example="127.0.0.1, [2001:db8::53]:5353",
+    ),
+    "timeout": Key(
+        Duration(), "5s",
+        doc="How long to wait for an answer; a query that times out is a temporary failure, and "
+        "the delivery is retried.",
+        example="10s",
+    ),
 }
 
 GATEWAY = _plain("gateway", GatewayConfig, GATEWAY_KEYS)

@@ -49,32 +49,128 @@ def _by_role(submission, relay):
 
 
 TLS_KEYS = {
-    "certificate": Key(Path(), ""),
-    "private_key": Key(Path(), ""),
-    "min_version": Key(Choice(("TLSv1.2", "TLSv1.3")), "TLSv1.2"),
-    "generate_self_signed": Key(Bool(), "no"),
-    "ca_file": Key(Path(), ""),
+    "certificate": Key(
+        Path(), "",
+        doc="The certificate, PEM, full chain: the server certificate first, then the "
+        "intermediates.  Required when any listener has `tls` other than `none`.",
+        example="/etc/letsencrypt/live/mx1.example.com/fullchain.pem",
+    ),
+    "private_key": Key(
+        Path(), "",
+        doc="The certificate's private key, PEM.  Required with `certificate`.",
+        example="/etc/letsencrypt/live/mx1.example.com/privkey.pem",
+    ),
+    "min_version": Key(
+        Choice(("TLSv1.2", "TLSv1.3")), "TLSv1.2", doc="The oldest TLS version offered.",
+        example="TLSv1.3",
+    ),
+    "generate_self_signed": Key(
+        Bool(), "no",
+        doc="**For trying mailgate out only.**  When `yes` and the files do not exist, a "
+        "self-signed certificate for `hostname` is generated at start-up and written to "
+        "`certificate` and `private_key`.  No client will trust it.",
+        example="yes",
+    ),
+    "ca_file": Key(
+        Path(), "",
+        default_doc="not set: the system's trust store",
+        doc="The CA certificates (a PEM bundle) trusted when delivering by a route with "
+        "`tls = verify`.  It must exist and be readable when set.",
+        example="/etc/mailgate/corp-ca.pem",
+    ),
 }
 
 AUTH_KEYS = {
-    "users_file": Key(Path(), ""),
+    "users_file": Key(
+        Path(), "",
+        doc="The users file for SMTP AUTH.  Required when any listener has `auth` other than "
+        "`none`; it must exist and be readable.  It is re-read when it changes, so users can be "
+        "added without a restart.",
+        example="/etc/mailgate/users",
+    ),
 }
 
+_BY_ROLE = "`%s` for submission, `%s` for relay"
+
 LISTENER_KEYS = {
-    "endpoint": Key(Endpoint()),
-    "role": Key(Choice(("submission", "relay"))),
-    "tls": Key(
-        Choice(("none", "optional", "required", "implicit")), _by_role("required", "optional")
+    "endpoint": Key(
+        Endpoint(),
+        doc=r"Where to listen.  Types `tcp`, `tcp6`, `unix` and `systemd` only (`tcp:25`, "
+        r"`tcp:587:interface=192.0.2.1`, `tcp6:25:interface=\:\:`, "
+        r"`unix:/run/mailgate/smtp.sock`, `systemd:domain=INET:index=0`).  `ssl:` is refused: "
+        r"write a `tcp:` endpoint and `tls = implicit`.  Two listeners may not have the same "
+        r"endpoint.",
     ),
-    "auth": Key(Choice(("none", "optional", "required")), _by_role("required", "optional")),
-    "allowed_ips": Key(NetworkList(), ""),
-    "relay_ips": Key(NetworkList(), ""),
-    "max_message_size": Key(Size(), _inherit("gateway", "max_message_size")),
-    "max_recipients": Key(Int(1), "100"),
-    "filters": Key(FilterList(), lambda values, built: DEFAULT_FILTERS[values["role"]]),
+    "role": Key(
+        Choice(("submission", "relay")),
+        doc="`relay`: mail from other servers (the MX, port 25).  `submission`: mail from your "
+        "own users (port 587, or 465 with `tls = implicit`).  It sets the defaults of `tls` and "
+        "`auth`.",
+    ),
+    "tls": Key(
+        Choice(("none", "optional", "required", "implicit")), _by_role("required", "optional"),
+        default_doc=_BY_ROLE % ("required", "optional"),
+        doc="`optional`: STARTTLS is offered.  `required`: STARTTLS must be used before mail is "
+        "accepted.  `implicit`: TLS from the first byte (port 465 style).  Anything but `none` "
+        "needs `[tls] certificate` and `private_key`.",
+        example="implicit",
+    ),
+    "auth": Key(
+        Choice(("none", "optional", "required")), _by_role("required", "optional"),
+        default_doc=_BY_ROLE % ("required", "optional"),
+        doc="`optional`: AUTH is offered (over TLS).  `required`: no mail without AUTH; needs "
+        "`tls` other than `none`.  Anything but `none` needs `[auth] users_file`.",
+        example="none",
+    ),
+    "allowed_ips": Key(
+        NetworkList(), "",
+        default_doc="empty (everyone)",
+        doc="The clients allowed to connect at all; others get a 554 greeting.",
+        example="192.0.2.0/24, 2001:db8::/32",
+    ),
+    "relay_ips": Key(
+        NetworkList(), "",
+        doc="Clients that may send to any domain without AUTH (for example your own servers).",
+        example="127.0.0.0/8, ::1",
+    ),
+    "max_message_size": Key(
+        Size(), _inherit("gateway", "max_message_size"),
+        default_doc="`[gateway] max_message_size`",
+        doc="The largest message on this listener.",
+        example="10M",
+    ),
+    "max_recipients": Key(
+        Int(1), "100",
+        doc="Recipients per message; more are refused with a temporary error.",
+        example="500",
+    ),
+    "filters": Key(
+        FilterList(), lambda values, built: DEFAULT_FILTERS[values["role"]],
+        default_doc="`%s` for relay, `%s` for submission"
+        % tuple(", ".join(DEFAULT_FILTERS[role]) for role in ("relay", "submission")),
+        doc="The filters each message on this listener goes through, in this order.  A name is "
+        "a built-in filter (%s, any case) or a filter of your own written as the dotted Python "
+        "path of its class (`mycompany.filters.Greylist`: letters, digits and `_` in "
+        "dot-separated parts, at least two parts; it is imported when mailgate starts, not by "
+        "`check-config`).  Each name at most once (`[listener:mx] filters: spf is listed "
+        "twice`).  `dmarc` uses the results of `spf` and `dkim` listed before it; without them "
+        "it still runs, and every message fails DMARC alignment."
+        % ", ".join("`%s`" % name for name in BUILTIN_FILTERS),
+        example="spf, dkim, dmarc, attachments, mycompany.filters.Greylist",
+    ),
 }
+# Each [limits] key may be set per listener: one row of the reference for them all.
 LISTENER_KEYS.update(
-    {key: Key(spec.kind, _inherit("limits", key)) for key, spec in LIMITS_KEYS.items()}
+    {
+        key: Key(
+            spec.kind, _inherit("limits", key),
+            type="as in `[limits]`",
+            default_doc="the `[limits]` value",
+            doc="Override that limit for this listener.",
+            example="1m" if key == "command_timeout" else None,
+        )
+        for key, spec in LIMITS_KEYS.items()
+    }
 )
 
 

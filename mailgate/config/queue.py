@@ -13,8 +13,18 @@ class QueueConfig:
 
 
 QUEUE_KEYS = {
-    "backend": Key(Choice(("spool",)), "spool"),
-    "path": Key(Path(optional=False), "/var/spool/mailgate"),
+    "backend": Key(
+        Choice(("spool",)), "spool",
+        doc="Where accepted mail waits for delivery.  `spool` keeps each message and its "
+        "envelope as files in a directory.",
+        example="spool",
+    ),
+    "path": Key(
+        Path(optional=False), "/var/spool/mailgate",
+        doc="The spool directory, created when missing; it must be writable by the user "
+        "mailgate runs as.",
+        example="/srv/mailgate/spool",
+    ),
 }
 
 QUEUE = _plain("queue", QueueConfig, QUEUE_KEYS)

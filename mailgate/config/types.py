@@ -1,6 +1,7 @@
 """
 The value kinds: each turns the text of one ini value into a typed value (raising ValueError with
-what was expected and what was given) and back into text for render_config.
+what was expected and what was given), back into text for render_config, and describes itself
+for the README's reference (describe(): its Type column; EMPTY: an empty default in words).
 
 Sizes are ints (bytes), durations are floats (seconds), CIDR lists are tuples of
 ipaddress.ip_network objects, paths are absolute str.  The kinds know nothing of sections, so
@@ -45,6 +46,15 @@ class Int:
             raise _expected("an integer <= %d" % self.maximum, text)
         return value
 
+    def describe(self):
+        if None not in (self.minimum, self.maximum):
+            return "integer from %d to %d" % (self.minimum, self.maximum)
+        if self.minimum is not None:
+            return "integer ≥ %d" % self.minimum
+        if self.maximum is not None:
+            return "integer ≤ %d" % self.maximum
+        return "integer"
+
     def render(self, value):
         return str(value)
 
@@ -66,6 +76,9 @@ class Size:
         if value < self.minimum:
             raise _expected("a size of at least %d bytes" % self.minimum, text)
         return value
+
+    def describe(self):
+        return "size"
 
     def render(self, value):
         for unit in "GMK":
@@ -92,6 +105,9 @@ class Duration:
             raise _expected("a duration greater than 0", text)
         return value
 
+    def describe(self):
+        return "duration" if self.positive else "duration, `0` for off"
+
     def render(self, value):
         if value != int(value):
             return "%ss" % (value,)
@@ -109,6 +125,9 @@ class Bool:
         except KeyError:
             raise _expected("yes or no", text) from None
 
+    def describe(self):
+        return "boolean"
+
     def render(self, value):
         return "yes" if value else "no"
 
@@ -122,6 +141,9 @@ class Choice:
             if text.lower() == choice.lower():
                 return choice
         raise _expected("one of %s" % ", ".join(self.choices), text)
+
+    def describe(self):
+        return "choice: " + ", ".join("`%s`" % choice for choice in self.choices)
 
     def render(self, value):
         return value
@@ -144,6 +166,9 @@ class Hostname:
     def parse(self, text, base):
         return _hostname(text)
 
+    def describe(self):
+        return "hostname"
+
     def render(self, value):
         return value
 
@@ -151,6 +176,8 @@ class Hostname:
 @attr.s(frozen=True)
 class DomainList:
     """A tuple of lower-case domains, duplicates dropped, order kept."""
+
+    EMPTY = "empty"  # what an empty default reads as in the reference
 
     def parse(self, text, base):
         domains = []
@@ -163,6 +190,9 @@ class DomainList:
                 domains.append(domain)
         return tuple(domains)
 
+    def describe(self):
+        return "list of domains"
+
     def render(self, value):
         return ", ".join(value)
 
@@ -170,6 +200,8 @@ class DomainList:
 @attr.s(frozen=True)
 class NetworkList:
     """A tuple of ipaddress networks; a bare address is a single host."""
+
+    EMPTY = "empty"  # what an empty default reads as in the reference
 
     def parse(self, text, base):
         return tuple(self._network(item) for item in _items(text))
@@ -186,6 +218,9 @@ class NetworkList:
             raise _expected(what, item) from None
         raise ValueError("%s (host bits set: did you mean %s?)" % (_expected(what, item), loose))
 
+    def describe(self):
+        return "CIDR list"
+
     def render(self, value):
         return ", ".join(str(network) for network in value)
 
@@ -196,12 +231,17 @@ class Path:
 
     optional = attr.ib(default=True)  # then an empty value means not set: None
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         if not text and self.optional:
             return None
         if not text or "\n" in text or "\0" in text:
             raise _expected("a path", text)
         return os.path.normpath(os.path.join(base, text))
+
+    def describe(self):
+        return "path"
 
     def render(self, value):
         return "" if value is None else value
@@ -235,6 +275,9 @@ class Endpoint:
             raise _expected("a port from 0 to 65535", text)
         return text
 
+    def describe(self):
+        return "Twisted server endpoint"
+
     def render(self, value):
         return value
 
@@ -243,8 +286,13 @@ class Endpoint:
 class OptionalEndpoint:
     """An Endpoint, or empty for "off"."""
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         return Endpoint().parse(text, base) if text else None
+
+    def describe(self):
+        return "Twisted server endpoint, empty for off"
 
     def render(self, value):
         return "" if value is None else value
@@ -254,6 +302,9 @@ class OptionalEndpoint:
 class Port:
     def parse(self, text, base):
         return _port(text, text)
+
+    def describe(self):
+        return "port"
 
     def render(self, value):
         return str(value)
@@ -294,6 +345,8 @@ def _join_port(host, port):
 class NameserverList:
     """A tuple of (ip str, port int): 192.0.2.53, 192.0.2.53:5353, ::1 or [::1]:5353 (port 53)."""
 
+    EMPTY = "empty"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         servers = []
         for item in _items(text):
@@ -307,6 +360,9 @@ class NameserverList:
                 servers.append(server)
         return tuple(servers)
 
+    def describe(self):
+        return "list of `ip[:port]`"
+
     def render(self, value):
         return ", ".join(_join_port(host, port) for host, port in value)
 
@@ -317,6 +373,8 @@ class HostList:
 
     default_port = attr.ib(default=25)
     _WHAT = "a host like mx.example.com, mx.example.com:587, 192.0.2.25 or [2001:db8::25]:25"
+
+    EMPTY = "not set"  # what an empty default reads as in the reference
 
     def parse(self, text, base):
         hosts = []
@@ -340,6 +398,9 @@ class HostList:
         # An all-numeric last label is a mistyped address (192.0.2.300), never a name.
         return None if name.rsplit(".", 1)[-1].isdigit() else name
 
+    def describe(self):
+        return "host list, default port %d" % self.default_port
+
     def render(self, value):
         return ", ".join(_join_port(host, port) for host, port in value)
 
@@ -353,6 +414,9 @@ class DurationList:
         if not durations:
             raise _expected("at least one duration like 1m, 5m, 1h", text)
         return durations
+
+    def describe(self):
+        return "list of durations, at least one"
 
     def render(self, value):
         return ", ".join(Duration().render(one) for one in value)
@@ -385,6 +449,9 @@ class RouteDomains:
             raise ValueError("%s (did you mean %r?)" % (_expected(what, item), item[1:]))
         raise _expected(what, item)
 
+    def describe(self):
+        return "list of domain patterns"
+
     def render(self, value):
         return ", ".join(value)
 
@@ -395,12 +462,17 @@ class Label:
 
     optional = attr.ib(default=True)  # then an empty value means not set: None
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         if not text and self.optional:
             return None
         if not _LABEL.fullmatch(text.lower()):
             raise _expected("a DNS label like mail2024 (letters, digits and '-')", text)
         return text.lower()
+
+    def describe(self):
+        return "a DNS label (letters, digits, `-`); lower-cased"
 
     def render(self, value):
         return "" if value is None else value
@@ -420,6 +492,9 @@ class HeaderList:
                 raise _expected("a list of header names like from, to, subject", name)
         return tuple(name.lower() for name in names)
 
+    def describe(self):
+        return "list of header names; lower-cased"
+
     def render(self, value):
         return ", ".join(value)
 
@@ -428,10 +503,15 @@ class HeaderList:
 class Text:
     """One line of text, kept as written (a username, a password); empty means not set: None."""
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         if "\n" in text:
             raise ValueError("expected a single line, got a value continued on the next line")
         return text or None
+
+    def describe(self):
+        return "text"
 
     def render(self, value):
         return "" if value is None else value
@@ -466,6 +546,8 @@ class SecretFile:
 
     _MAX_LINE = 4096
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         filename = Path().parse(text, base)
         if filename is None:
@@ -487,6 +569,9 @@ class SecretFile:
         if not secret:
             raise ValueError("empty first line, expected the password: %s" % filename)
         return secret
+
+    def describe(self):
+        return "path"
 
     def render(self, value):
         return ""  # the secret itself is rendered by the key it stands for
@@ -520,6 +605,9 @@ class FilterList:
             names.append(name)
         return tuple(names)
 
+    def describe(self):
+        return "list of filter names; empty for none"
+
     def render(self, value):
         return ", ".join(value)
 
@@ -547,6 +635,9 @@ class ExtensionList:
                 extensions.append(extension)
         return tuple(extensions)
 
+    def describe(self):
+        return "list of file name extensions, or `none`"
+
     def render(self, value):
         return ", ".join(value) if value else "none"
 
@@ -559,6 +650,8 @@ _MIME_TYPE = re.compile(r"%s/(?:%s|\*)" % (_MIME_NAME, _MIME_NAME))
 class MimeTypeList:
     """A tuple of lower-case "type/subtype" or "type/*", duplicates dropped, order kept."""
 
+    EMPTY = "empty"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         types = []
         for item in _items(text):
@@ -568,6 +661,9 @@ class MimeTypeList:
             if item.lower() not in types:
                 types.append(item.lower())
         return tuple(types)
+
+    def describe(self):
+        return "list of `type/subtype` or `type/*`"
 
     def render(self, value):
         return ", ".join(value)
@@ -586,6 +682,9 @@ class Ratio:
             raise _expected("a number from 0 to 1", text)
         return value
 
+    def describe(self):
+        return "number from 0 to 1"
+
     def render(self, value):
         return repr(float(value))
 
@@ -594,10 +693,15 @@ class Ratio:
 class Command:
     """A shell command line, kept as written; empty: none."""
 
+    EMPTY = "not set"  # what an empty default reads as in the reference
+
     def parse(self, text, base):
         if "\n" in text or "\0" in text:
             raise _expected("a one-line command", text)
         return text or None
+
+    def describe(self):
+        return "shell command line"
 
     def render(self, value):
         return value or ""

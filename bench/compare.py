@@ -261,12 +261,12 @@ class Bench:
                         for line in target.log_tail(3):
                             log("%s: %s" % (target.name, line))
             for target in started:
-                self.peaks[(cell.name, target.name)] = self.sampler.peak(target.pgid)
                 if isinstance(target, targets.Postfix):
                     for line in target.postfix_errors()[-3:]:
                         log("%s: %s" % (target.name, line))
         finally:
             for target in started:
+                self.peaks[(cell.name, target.name)] = self.sampler.peak(target.pgid)
                 self.sampler.forget(target.pgid)
                 target.stop()
             if not self.args.keep:
@@ -603,8 +603,12 @@ def main(argv=None):
     def terminate(signum, frame):
         raise KeyboardInterrupt("signal %d" % signum)
 
+    # Ctrl-C, kill and a closed terminal all tear everything down (SIGINT even when the shell
+    # that started us in the background set it to be ignored; SIGHUP only if nohup did not)
+    signal.signal(signal.SIGINT, terminate)
     signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, terminate)
     bench = Bench(args, root)
     started = time.monotonic()
     interrupted = False
@@ -619,6 +623,8 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
     elapsed = time.monotonic() - started
     env, header, table = report(bench, argv, elapsed)
+    if interrupted:
+        header.append("INTERRUPTED: the table holds the runs finished before.")
     sys.stdout.write("\n".join(header) + "\n\n" + table)
     sys.stdout.flush()
     if args.json:

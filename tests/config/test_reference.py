@@ -10,12 +10,14 @@ import re
 import attr
 import pytest
 
-from mailgate.config import SECTIONS, Key, Section
+from mailgate.config import SECTIONS, Key, Section, load_config
 from mailgate.config import reference
+from mailgate.config.schema import REQUIRED
 from mailgate.config.types import Int, Path, SecretFile
 
 from tests import REPO
 
+EXAMPLE = os.path.join(REPO, "etc", "mailgate.ini")
 REGENERATE = "run `python -m mailgate.config.reference README.md` to write it again from the schema"
 
 
@@ -33,11 +35,18 @@ def readme_blocks():
 
 
 def test_every_section_has_a_table_in_the_readme():
+    """Under its own heading: ### `[KIND]`, or ### `[KIND:NAME]` for a named section."""
     blocks = readme_blocks()
     missing = [kind for kind in SECTIONS if kind not in blocks]
     assert missing == [], "README.md has no <!-- keys:KIND --> table for %s: %s" % (
         missing, REGENERATE)
     assert sorted(set(blocks) - set(SECTIONS)) == [], "README.md tables of unknown sections"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for kind, section in SECTIONS.items():
+        before = readme[:readme.index("<!-- keys:%s -->" % kind)]
+        heading = before[before.rindex("\n### "):].splitlines()[1]
+        assert heading == "### `[%s%s]`" % (kind, ":NAME" if section.named else ""), kind
 
 
 @pytest.mark.parametrize("kind", list(SECTIONS))
@@ -127,3 +136,89 @@ def test_main_prints_and_rewrites(tmp_path, capsys):
     doc.write_text("<!-- keys:gateway -->\n<!-- /keys -->\n", encoding="utf-8")
     assert reference.main([str(doc)]) == 1
     assert "no <!-- keys:KIND --> block for limits, queue" in capsys.readouterr().err
+
+
+# --- etc/mailgate.ini ------------------------------------------------------------------------
+
+HEADER = re.compile(r"#?\[([^\]]+)\]$")  # a commented-out header counts: [filter:NAME]'s
+KEY_LINE = re.compile(r"(#?)([a-z_]+) =(.*)$")  # "key = value" or "#key = value", nothing between
+COMMENTED_CONTINUATION = re.compile(r"#\s{2,}(\S.*)$")  # "#    more, of the value"
+
+
+def example_lines():
+    """[(section name or None, commented, key, value)] of every key line of etc/mailgate.ini."""
+    with open(EXAMPLE, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    found, section, in_commented_value = [], None, False
+    for line in lines:
+        header = HEADER.match(line)
+        key_line = KEY_LINE.match(line)
+        continuation = COMMENTED_CONTINUATION.match(line)
+        if header:
+            section = header.group(1)
+        elif key_line:
+            commented, key, value = key_line.groups()
+            found.append([section, bool(commented), key, value.strip()])
+        elif continuation and in_commented_value:
+            found[-1][3] += "\n" + continuation.group(1)
+        if key_line:
+            in_commented_value = bool(key_line.group(1))
+        else:
+            in_commented_value = bool(continuation) and in_commented_value
+    return [tuple(one) for one in found]
+
+
+def test_example_mentions_every_key_in_its_own_section():
+    """
+    Each key has a "key =" or "#key =" line between its section's header and the next one
+    ([listener:NAME] and [route:NAME]: in at least one of them), and no key line is in a section
+    it does not belong to.
+    """
+    mentioned = {kind: set() for kind in SECTIONS}
+    headers = set()
+    with open(EXAMPLE, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            if HEADER.match(line):
+                headers.add(HEADER.match(line).group(1).partition(":")[0])
+    for section, _, key, _ in example_lines():
+        assert section is not None, "%s is not inside a [section]" % key
+        kind = section.partition(":")[0]
+        assert kind in SECTIONS, "[%s]: unknown section" % section
+        if not SECTIONS[kind].any_keys:
+            assert key in SECTIONS[kind].keys, "[%s] %s: not a key of this section" % (section, key)
+        mentioned[kind].add(key)
+    for kind, section in SECTIONS.items():
+        assert kind in headers, "no [%s] section" % kind
+        missing = sorted(set(section.keys) - mentioned[kind])
+        assert missing == [], "[%s] does not mention %s" % (kind, ", ".join(missing))
+
+
+def test_example_comments_out_only_defaults():
+    """
+    A key line commented out ("#key = value") shows the key at its default, as the file's head
+    says.  Keys whose default the schema computes from other keys are skipped, since the value
+    shown depends on the section it is in: [gateway] hostname (the machine's name), a listener's
+    tls, auth, filters (by role; test_example_shows_the_filters_default_of_each_listener checks
+    those), max_message_size and [limits] overrides, a route's dkim_sign (by mx).  [admin]
+    socket, empty in the schema, is computed when the gateway starts (admin.sock in the [queue]
+    path): its line is checked against mailgate.ops.admin.socket_path.
+    """
+    from mailgate.ops.admin import socket_path
+
+    base = os.path.dirname(EXAMPLE)
+    config = load_config(EXAMPLE)
+    checked = 0
+    for section, commented, key, value in example_lines():
+        kind = section.partition(":")[0]
+        spec = SECTIONS[kind].keys.get(key)
+        if not commented or spec is None or spec.default is REQUIRED or callable(spec.default):
+            continue
+        shown = spec.kind.parse(value, base)
+        if (kind, key) == ("admin", "socket"):
+            assert shown == socket_path(config), "[admin] socket: not the default"
+        else:
+            default = spec.kind.parse(spec.default, base)
+            assert shown == default, "[%s] #%s = %s: the default is %s" % (
+                section, key, value, spec.kind.render(default) or "empty")
+        checked += 1
+    assert checked > 50

@@ -493,6 +493,8 @@ def render(bench):
                     values.append("–")
                     continue
                 text = fmt % (value * scale)
+                if key in ("p50", "p99") and value * scale < 1:
+                    text = "%.2f" % (value * scale)
                 base = anchor.get(key) if anchor else None
                 if base:
                     text += " (×%.2f)" % (value / base)

@@ -155,6 +155,8 @@ def test_port_already_in_use(tmp_path, pki):
         holder.close()
     line = assert_one_line(result, path, "listener:relay", "endpoint", "address already in use")
     assert str(port) in line
+    # Said once: not also as a log event on stdout.
+    assert (result.stdout + result.stderr).count("address already in use") == 1, result.stdout
 
 
 def test_check_config_good(tmp_path, pki):

@@ -13,13 +13,13 @@ listeners that go away stop listening, and their open sessions live on.
 """
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgate.errors import ConfigError
 from mailgate.queue import new_queue_id
 from mailgate.smtp.gate import Gate
-from mailgate.smtp.listener import ListenerFactory, ListenerService, tls_factory
+from mailgate.smtp.listener import ListenerFactory, ListenerService, listening_endpoint, tls_factory
 
 log = Logger()
 
@@ -179,7 +179,7 @@ class GatewayService(service.MultiService):
         wrapped = factory
         if listener.tls == "implicit":
             wrapped = tls_factory(self._builder.current_tls, factory, self._builder.reactor)
-        endpoint = endpoints.serverFromString(self._builder.reactor, listener.endpoint)
+        endpoint = listening_endpoint(self._builder.reactor, listener)
         return ListenerService(config, listener, endpoint, wrapped, self._builder.local_addresses,
                                smtp_factory=factory)
 

@@ -78,6 +78,21 @@ class BuildServiceTests(unittest.TestCase):
         self.assertIsInstance(smtps_factory, TLSMemoryBIOFactory)
         self.assertEqual(relay_factory.gateway.hostname, "mx.example.net")
 
+    def test_listen_backlog(self):
+        """Twisted's default backlog of 50 overflows under bursts: the listener's backlog is used,
+        and a backlog written in the endpoint wins."""
+        reactor = MemoryReactorClock()
+        config = make_config(self, listeners=(
+            listener(name="relay", endpoint="tcp:2525:interface=127.0.0.1"),
+            listener(name="big", endpoint="tcp:2526:interface=127.0.0.1", backlog=4096),
+            listener(name="own", endpoint="tcp:2527:interface=127.0.0.1:backlog=77", backlog=4096),
+        ))
+        service = Gateway.from_config(config, reactor=reactor, run_in_thread=HeldRunner())
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([(port, backlog) for port, _, backlog, _ in reactor.tcpServers],
+                         [(2525, 1024), (2526, 4096), (2527, 77)])
+
     def test_sessions_wait_for_queue_recovery_before_the_banner(self):
         reactor = MemoryReactorClock()
         runner = HeldRunner()

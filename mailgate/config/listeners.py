@@ -38,6 +38,7 @@ class ListenerConfig:
     relay_ips = attr.ib(default=())
     max_message_size = attr.ib(default=35 * 1024 * 1024)
     max_recipients = attr.ib(default=100)
+    backlog = attr.ib(default=1024)
     limits = attr.ib(factory=Limits)
     # Filter names in order: built-in ("spf", "dkim", "dmarc", "attachments") or dotted paths.
     # Default: spf, dkim, dmarc, attachments for relay; attachments for submission.
@@ -143,6 +144,15 @@ LISTENER_KEYS = {
         Int(1), "100",
         doc="Recipients per message; more are refused with a temporary error.",
         example="500",
+    ),
+    "backlog": Key(
+        Int(1), "1024",
+        doc="How many connections the kernel may queue for this listener before mailgate "
+        "accepts them (the listen backlog; the kernel caps it at `net.core.somaxconn`).  Too "
+        "small a queue makes a busy gateway drop connection attempts, and every dropped client "
+        "waits a second or more before it tries again.  A `backlog=` written in `endpoint` "
+        "wins.",
+        example="4096",
     ),
     "filters": Key(
         FilterList(), lambda values, built: DEFAULT_FILTERS[values["role"]],

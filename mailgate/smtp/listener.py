@@ -12,6 +12,7 @@ import errno
 
 from OpenSSL import SSL
 from twisted.application import service
+from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -23,6 +24,21 @@ from mailgate.errors import ConfigError
 from mailgate.smtp.server import SMTPFactory
 
 log = Logger()
+
+
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix")
+
+
+def listening_endpoint(reactor, listener):
+    """
+    The server endpoint of listener, with its backlog: Twisted's default of 50 overflows under
+    a burst of connections (each dropped SYN costs the client a second or more).
+    """
+    text = listener.endpoint
+    kind = text.split(":", 1)[0]
+    if kind in _BACKLOG_TYPES and "backlog=" not in text:
+        text += ":backlog=%d" % listener.backlog
+    return endpoints.serverFromString(reactor, text)
 
 
 class ListenerFactory(SMTPFactory):

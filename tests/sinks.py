@@ -47,6 +47,11 @@ connection, later ones use the base behaviour):
                                       before the reply), "QUIT": close the socket there
     hang=False                        True: accept and never answer; or a stage name as above:
                                       stop answering there (the client must time out)
+    hangup_after_messages=None        N: close the connection right after the reply to the Nth
+                                      final dot (a server that ends idle sessions at once)
+    drop_after_messages=None          N: after N messages, close the connection when the next
+                                      command arrives, without answering it (a connection kept
+                                      open by the client that the server has let go)
 """
 
 import base64
@@ -76,6 +81,8 @@ DEFAULTS = dict(
     data_reply=(250, "2.0.0 Ok: queued"),
     drop_after=None,
     hang=False,
+    hangup_after_messages=None,
+    drop_after_messages=None,
 )
 
 SOCKET_TIMEOUT = 30.0  # a safety net only: stop() closes every socket
@@ -128,6 +135,7 @@ class _Session:
         self.sock = sock
         self.index = index
         self.b = sink.behaviour(index)
+        self.messages_here = 0  # DATA transactions on this connection
         self.buffer = b""
         self.tls = None
         self.client_cert = None
@@ -200,6 +208,9 @@ class _Session:
         while True:
             line = self.readline()
             self.sink._command(self.index, line)
+            if self.b["drop_after_messages"] is not None and \
+                    self.messages_here >= self.b["drop_after_messages"]:
+                raise _Closed()
             command, _, arg = line.rstrip(b"\r\n").partition(b" ")
             verb = command.upper().decode("ascii", "replace")
             arg = arg.decode("utf-8", "replace")
@@ -363,6 +374,10 @@ class _Session:
         self.sink._transaction(record, accepted=200 <= code < 300)
         self.reply(code, text)
         self.reset()
+        self.messages_here += 1
+        if self.b["hangup_after_messages"] is not None and \
+                self.messages_here >= self.b["hangup_after_messages"]:
+            raise _Closed()
 
     def do_RSET(self, arg):
         self.reset()

@@ -15,7 +15,10 @@ from mailgate.config.types import (Bool, Choice, Duration, DurationList, DomainL
 class DeliveryConfig:
     mx_port = attr.ib(default=25)
     concurrency = attr.ib(default=20)
-    per_destination_concurrency = attr.ib(default=4)
+    per_destination_concurrency = attr.ib(default=20)
+    initial_destination_concurrency = attr.ib(default=5)
+    connection_cache_time = attr.ib(default=2.0)  # 0: one message per connection
+    connection_reuse_time = attr.ib(default=300.0)
     retry = attr.ib(default=(60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0))  # last repeats
     max_lifetime = attr.ib(default=172800.0)
     delay_warning = attr.ib(default=14400.0)  # 0: off
@@ -57,10 +60,32 @@ DELIVERY_KEYS = {
         Int(1), "20", doc="Outgoing connections at most, over all destinations.", example="50"
     ),
     "per_destination_concurrency": Key(
-        Int(1), "4",
+        Int(1), "20",
         doc="Outgoing connections at most to one destination (a smarthost, or a domain's MX "
-        "hosts).",
+        "hosts), as Postfix's `default_destination_concurrency_limit`.",
+        example="4",
+    ),
+    "initial_destination_concurrency": Key(
+        Int(1), "5",
+        doc="Connections to a destination at first (slow start, as Postfix's "
+        "`initial_destination_concurrency`): each success allows one more, up to "
+        "`per_destination_concurrency`; a destination that fails (refused, timed out, dropped "
+        "connections) gets one fewer, down to 1.",
         example="2",
+    ),
+    "connection_cache_time": Key(
+        Duration(positive=False), "2s",
+        doc="How long a connection stays open after a message, waiting for the next message to "
+        "the same destination (Postfix's `smtp_connection_cache_time_limit`); `0` closes every "
+        "connection after one message.",
+        example="5s",
+    ),
+    "connection_reuse_time": Key(
+        Duration(), "5m",
+        doc="How long a connection may be used for one message after another before it is "
+        "closed (Postfix's `smtp_connection_reuse_time_limit`), so that the load spreads over "
+        "a destination's servers again.",
+        example="1m",
     ),
     "retry": Key(
         DurationList(), "1m, 5m, 15m, 30m, 1h, 2h, 4h",

@@ -48,6 +48,7 @@ mailgate.delivery.transcript.
 import io
 import re
 
+import attr
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import connectionDone
@@ -56,6 +57,7 @@ from twisted.mail import smtp
 from twisted.mail.interfaces import IClientAuthentication
 from zope.interface import implementer
 
+from mailgate.delivery.conncache import ConnectionCache
 from mailgate.delivery.dotstuff import DotStuffer, stuff  # noqa: F401 (stuff: re-exported)
 from mailgate.delivery.outcome import (
     _describe,
@@ -137,6 +139,10 @@ class DeliverySender(smtp.ESMTPSender):
         self._dataTimer = None
         self._ehloItems = {}
         self._stuffer = DotStuffer()
+        self.born = self.factory.reactor.seconds()
+        self.reused = 0  # transactions on this connection after the first
+        self.idle = False  # parked in the connection cache, waiting for the next message
+        self._replied = False  # a reply came since this transaction started
         smtp.ESMTPSender.connectionMade(self)
 
     @property
@@ -189,6 +195,7 @@ class DeliverySender(smtp.ESMTPSender):
         smtp.ESMTPSender.sendLine(self, line)
 
     def lineReceived(self, line):
+        self._replied = True
         self._transcript.reply_line(line)
         return smtp.ESMTPSender.lineReceived(self, line)
 
@@ -196,7 +203,17 @@ class DeliverySender(smtp.ESMTPSender):
         self._transcript.disconnect(reason)
         smtp.ESMTPSender.connectionLost(self, reason)
         self._cancelDataTimer()
+        if self.idle:
+            self.idle = False
+            self.factory.cache.discard(self)
         if self.decided:
+            return
+        if self.reused and not self._replied:
+            # A cached connection the server had closed meanwhile: not a failure of the hop.
+            self._decide(retry={r: self._result(r, "deferred", _Reason(
+                451, "4.4.2", "cached connection to %s was closed" % _label(self.hop)))
+                for r in self.factory.recipients})
+            self.factory.outcome = attr.evolve(self.factory.outcome, stale=True)
             return
         if self._tlsStarted and not self._handshakeDone:
             self._hopFailed(handshake_failed(self.factory.policy, self.hop, reason),
@@ -446,10 +463,34 @@ class DeliverySender(smtp.ESMTPSender):
 
     def smtpState_msgSent(self, code, resp):
         self._cancelDataTimer()
+        finished = self.phase == "end of DATA" and code > 0  # the reply to the final dot
         if self._from is not None and not self.decided:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         self._from = None
-        self._quit()  # one message per connection: no RSET
+        if not (finished and self.factory.park(self)):
+            self._quit()
+
+    # -- the connection cache (mailgate.delivery.conncache)
+
+    def usable(self):
+        """Still connected and between transactions: a next MAIL FROM may go out."""
+        return self.idle and self.transport is not None and self.transport.connected
+
+    def closeIdle(self):
+        self.idle = False
+        self._quit()
+
+    def next_transaction(self, sender, recipients, data, message_id):
+        """Run one more transaction on this connection; -> Deferred[_Outcome]."""
+        self.idle = False
+        self.reused += 1
+        self._replied = False
+        self.decided = False
+        self._stuffer = DotStuffer()
+        result = self.factory.begin(sender, recipients, data, message_id)
+        self._transcript.transaction(message_id)
+        self.smtpState_from(250, b"")
+        return result
 
     def sentMail(self, code, resp, numOk, addresses, log):
         """
@@ -487,12 +528,11 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
                  context, delivery_config):
         username = route.username.encode("utf-8") if route.username else None
         password = (route.password or "").encode("utf-8") if route.username else None
-        wire = [r.encode("utf-8") for r in recipients]
         smtp.ESMTPSenderFactory.__init__(
             self, username, password,
             # smtp.Address rejects address literals and UTF-8: the reverse-path is sent from
             # self.sender by DeliverySender.smtpState_from, so it is not parsed here.
-            "", wire, io.BytesIO(data), defer.Deferred(),
+            "", [], io.BytesIO(b""), defer.Deferred(),
             retries=0, timeout=delivery_config.command_timeout, contextFactory=context,
             heloFallback=False, requireAuthentication=bool(username),
             requireTransportSecurity=policy in ("required", "verify"), hostname=None,
@@ -503,12 +543,41 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
         self.policy = policy
         self.route = route
         self.username = username
-        self.sender = sender.encode("utf-8")
-        self.recipients = list(recipients)
-        self.wire_recipients = wire
         self.data_timeout = delivery_config.data_timeout
         self.connect_timeout = delivery_config.connect_timeout
+        self.cache = None  # a ConnectionCache, and our key in it: set by the Deliverer
+        self.cache_key = None
+        self._job(sender, recipients, data)
+
+    def _job(self, sender, recipients, data):
+        self.sender = sender.encode("utf-8")
+        self.recipients = list(recipients)
+        self.wire_recipients = [r.encode("utf-8") for r in recipients]
+        self.file = io.BytesIO(data)
         self.outcome = None
+
+    def begin(self, sender, recipients, data, message_id):
+        """The next transaction on this (cached) connection; -> its result Deferred."""
+        self._job(sender, recipients, data)
+        self.message_id = message_id
+        self.sendFinished = False
+        self.result = defer.Deferred()
+        return self.result
+
+    def park(self, protocol):
+        """
+        After a transaction ended cleanly: report its outcome now and keep the connection for
+        the next message to this destination.  False when it is not kept (then QUIT).
+        """
+        if self.cache is None or self.outcome is None or \
+                not self.cache.accepts(self.cache_key, protocol.born):
+            return False
+        protocol.idle = True
+        if not self.cache.park(self.cache_key, protocol):
+            protocol.idle = False
+            return False
+        self._finish(self.outcome)
+        return True
 
     def buildProtocol(self, addr):
         p = smtp.ESMTPSenderFactory.buildProtocol(self, addr)
@@ -557,6 +626,13 @@ class Deliverer:
         self.config = delivery_config
         self.tls_config = tls_config
         self._tls = ClientTLS(tls_config)
+        self.cache = ConnectionCache(reactor, delivery_config.connection_cache_time,
+                                     delivery_config.connection_reuse_time,
+                                     delivery_config.per_destination_concurrency)
+
+    def close(self):
+        """Close the connections kept open for the next message (we stop, or a reload)."""
+        self.cache.close_all()
 
     def deliver(self, route, hops, sender, recipients, data):
         """
@@ -621,13 +697,30 @@ class Deliverer:
                       error=str(e))
             reason = _Reason(451, "4.3.5", "local TLS configuration error: %s" % (e,))
             return defer.succeed(_hop_failure(recipients, reason))
+        key = (route.name, route.username, hop.address, hop.port, hop.name, policy)
+        mid = message_id(data) if self.events is not None else None
+        cached = self.cache.take(key)
+        if cached is not None:
+            d = cached.next_transaction(sender, recipients, data, mid)
+
+            def stale(outcome):
+                if outcome.stale:  # closed by the server while idle: a new connection, at once
+                    return self._connect(key, route, hop, policy, sender, recipients, data,
+                                         context, mid)
+                return outcome
+
+            return d.addCallback(stale)
+        return self._connect(key, route, hop, policy, sender, recipients, data, context, mid)
+
+    def _connect(self, key, route, hop, policy, sender, recipients, data, context, mid):
         factory = DeliveryFactory(
             self.reactor, self.hostname, hop, policy, route, sender, recipients, data, context,
             self.config,
         )
+        factory.cache, factory.cache_key = self.cache, key
         if self.events is not None:
             factory.events = self.events
-            factory.message_id = message_id(data)
+            factory.message_id = mid
         d = factory.result
         self.reactor.connectTCP(hop.address, hop.port, factory,
                                 timeout=self.config.connect_timeout)

@@ -111,6 +111,7 @@ class _Outcome:
     final = attr.ib()
     retry = attr.ib()
     tls_failed = attr.ib(default=False)
+    stale = attr.ib(default=False)  # a cached connection found closed: try a new one at once
 
 
 def session_result(recipient, outcome, reason, hop, tls, session):

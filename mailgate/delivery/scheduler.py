@@ -69,6 +69,41 @@ class _Slots:
             self.waiting.pop(0).callback(self)
 
 
+class _DestinationSlots(_Slots):
+    """
+    The connections one destination may have, with Postfix's slow start and feedback: it starts
+    at initial; each success adds 1/limit (one more connection per limit successes), each
+    failure of the destination itself (refused, timed out, dropped) takes 1/limit away; never
+    above maximum nor below 1.
+    """
+
+    def __init__(self, initial, maximum):
+        _Slots.__init__(self, min(initial, maximum))
+        self.maximum = maximum
+        self._credit = 0.0
+
+    def succeeded(self):
+        if self.limit >= self.maximum:
+            return
+        self._credit += 1.0 / self.limit
+        if self._credit >= 1.0:
+            self._credit = 0.0
+            self.resize(min(self.maximum, self.limit + 1))
+
+    def failed(self):
+        self._credit -= 1.0 / self.limit
+        if self._credit <= -1.0:
+            self._credit = 0.0
+            self.resize(max(1, self.limit - 1))
+
+    def reconfigure(self, maximum):
+        self.maximum = maximum
+        self.resize(min(self.limit, maximum))
+
+
+_DESTINATION_TROUBLE = ("4.4.1", "4.4.2")  # refused or unreachable, timed out, dropped
+
+
 def retry_delay(schedule, attempts):
     """Seconds to wait after the attempts-th failed round: the schedule, its last step repeating."""
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
@@ -165,14 +200,15 @@ class DeliveryService(service.Service):
         set stay as they are (the new schedule applies from the next failure on).
         """
         self.router = router
-        if deliverer is not None:
+        if deliverer is not None and deliverer is not self.deliverer:
+            self._close_idle()
             self.deliverer = deliverer
         self.signer = signer
         self.delivery = config.delivery
         self.hostname = config.gateway.hostname
         self._slots.resize(self.delivery.concurrency)
         for limit in self._destinations.values():
-            limit.resize(self.delivery.per_destination_concurrency)
+            limit.reconfigure(self.delivery.per_destination_concurrency)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -195,6 +231,13 @@ class DeliveryService(service.Service):
             if call.active():
                 call.cancel()
         self._timers.clear()
+        self._close_idle()
+
+    def _close_idle(self):
+        """QUIT on the connections the deliverer keeps open for the next message."""
+        close = getattr(self.deliverer, "close", None)
+        if close is not None:
+            close()
 
     def _committed(self, queue_id, state):
         if state == "active" and self.running:
@@ -256,9 +299,11 @@ class DeliveryService(service.Service):
         if now - envelope.received_at >= self.delivery.max_lifetime:
             self._expire(envelope, data, msg, now)
         else:
+            groups = self._groups(envelope, data, msg, now)
+            left = [len(groups)]
             yield defer.gatherResults(
-                [self._deliver_group(queue_id, envelope, data, msg, route, key, rcpts)
-                 for route, key, rcpts in self._groups(envelope, data, msg, now)], consumeErrors=True)
+                [self._deliver_group(queue_id, envelope, data, msg, route, key, rcpts, left)
+                 for route, key, rcpts in groups], consumeErrors=True)
         yield self._finish_round(queue_id, state, envelope, data, msg)
 
     def _track(self, event, envelope, data, **fields):
@@ -302,10 +347,12 @@ class DeliveryService(service.Service):
                  lifetime=_human(self.delivery.max_lifetime))
 
     @defer.inlineCallbacks
-    def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts):
+    def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts, left):
         limit = self._destinations.get(key)
         if limit is None:
-            limit = self._destinations[key] = _Slots(self.delivery.per_destination_concurrency)
+            limit = self._destinations[key] = _DestinationSlots(
+                self.delivery.initial_destination_concurrency,
+                self.delivery.per_destination_concurrency)
         yield limit.acquire()
         try:
             yield self._slots.acquire()
@@ -325,8 +372,20 @@ class DeliveryService(service.Service):
                      queue_id=queue_id, rcpt=result.recipient, route=route.name, outcome=result.outcome,
                      code=result.code, status=result.status, text=result.text,
                      remote=result.remote.name if result.remote else None, tls=result.tls)
+        if any(r.outcome == "delivered" for r in results):
+            limit.succeeded()
+        elif results and all(r.status in _DESTINATION_TROUBLE for r in results):
+            limit.failed()
+        left[0] -= 1
+        if left[0] == 0 and self._done(queue_id, msg):
+            return  # delivered to all: removing the message records it (no state to write first)
         # The outcome is on disk before anything acts on it (a bounce, a removal, a retry).
         yield self.queue.save_state(queue_id, msg.to_bytes())
+
+    def _done(self, queue_id, msg):
+        """Every recipient delivered, nothing to report and no operation waiting on the state."""
+        return (not msg.pending() and not msg.unreported("bounced")
+                and queue_id not in self._withdrawn)
 
     @defer.inlineCallbacks
     def _attempt(self, queue_id, envelope, data, msg, route, rcpts):
@@ -342,13 +401,16 @@ class DeliveryService(service.Service):
 
     @defer.inlineCallbacks
     def _signature(self, queue_id, data, msg, route):
-        """The DKIM-Signature for this route, made once and kept in the message's state."""
+        """
+        The DKIM-Signature for this route, made once and kept in the message's state: it is
+        written with the outcome of the attempt (a retry signs with the same header), and a
+        message delivered at once never needs it written at all.
+        """
         if self.signer is None or not route.dkim_sign:
             return b""
         if route.name not in msg.dkim:
             header = yield self.signer.sign(data)
             msg.dkim[route.name] = header.decode("ascii") if header else ""
-            yield self.queue.save_state(queue_id, msg.to_bytes())
         return msg.dkim[route.name].encode("ascii")
 
     @defer.inlineCallbacks
@@ -361,7 +423,8 @@ class DeliveryService(service.Service):
             yield self._notify(envelope, data, msg, bounced, now, "failed")
         pending = msg.pending()
         if not pending:
-            yield self.queue.save_state(queue_id, msg.to_bytes())
+            if bounced:  # the DSN is queued: the state says so before the message goes
+                yield self.queue.save_state(queue_id, msg.to_bytes())
             yield self.queue.remove(queue_id)
             log.info("{queue_id} done", queue_id=queue_id)
             return

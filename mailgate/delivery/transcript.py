@@ -55,6 +55,11 @@ class Transcript:
         if self.events is not None:
             self._event("connect", "%s tls=%s" % (_label(hop), policy), message_id=message_id)
 
+    def transaction(self, message_id):
+        """A further transaction starts on this connection (kept open), for message_id."""
+        if self.events is not None:
+            self._event("transaction", "", message_id=message_id)
+
     def command(self, line):
         """We send line."""
         if self.events is not None:

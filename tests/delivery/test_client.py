@@ -104,7 +104,7 @@ class DeliveryTestCase(TestCase):
                   data_timeout=10.0):
         config = DeliveryConfig(
             connect_timeout=connect_timeout, command_timeout=command_timeout,
-            data_timeout=data_timeout,
+            data_timeout=data_timeout, connection_cache_time=0.0,  # one message per connection
         )
         return Deliverer(reactor, HOSTNAME, config, tls_config or TLSConfig())
 
@@ -609,7 +609,8 @@ class C4RetriesAndTimeoutsTests(DeliveryTestCase):
         """A delivery on a MemoryReactorClock: -> (clock, protocol, transport, results list)."""
         clock = MemoryReactorClock()
         config = DeliveryConfig(**dict(dict(connect_timeout=3.0, command_timeout=7.0,
-                                            data_timeout=9.0), **timeouts))
+                                            data_timeout=9.0, connection_cache_time=0.0),
+                                       **timeouts))
         deliverer = Deliverer(clock, HOSTNAME, config, TLSConfig())
         results = []
         deliverer.deliver(make_route("none"), [Hop("h", LOOPBACK, 2525)], SENDER, [RCPT],
@@ -664,7 +665,7 @@ class C4RetriesAndTimeoutsTests(DeliveryTestCase):
 
         factory = DeliveryFactory(
             reactor, HOSTNAME, Hop("x", LOOPBACK, 25), "none", make_route("none"), "", ["a@b"],
-            b"", None, DeliveryConfig(command_timeout=7.0),
+            b"", None, DeliveryConfig(command_timeout=7.0, connection_cache_time=0.0),
         )
         self.assertEqual(factory.retries, 0)
         self.assertEqual(factory.timeout, 7.0)
@@ -984,7 +985,8 @@ class ProtocolEventTests(DeliveryTestCase):
 
     def deliver_with_events(self, hops, route=None, data=MESSAGE):
         bus, seen = self.bus()
-        config = DeliveryConfig(connect_timeout=5.0, command_timeout=5.0, data_timeout=10.0)
+        config = DeliveryConfig(connect_timeout=5.0, command_timeout=5.0, data_timeout=10.0,
+                                connection_cache_time=0.0)
         deliverer = Deliverer(reactor, HOSTNAME, config, TLSConfig(), events=bus)
         d = self.deliver(hops, route=route, deliverer=deliverer, data=data)
         return d.addCallback(lambda results: (results, [f for k, f in seen if k == "protocol"]))

@@ -308,3 +308,104 @@ class SchedulerTests(unittest.TestCase):
         [expire] = self.tracked("EXPIRE")
         self.assertEqual(expire["recipients"], ["c@remote.example"])
         self.assertEqual(expire["latency"], 3600)
+
+
+class StateWriteTests(SchedulerTests):
+    """A message delivered to every recipient at once is simply removed: no state file write."""
+
+    def count_saves(self):
+        saves = []
+        real = self.spool.save_state
+
+        def counting(queue_id, data):
+            saves.append(queue_id)
+            return real(queue_id, data)
+
+        self.spool.save_state = counting
+        return saves
+
+    def test_delivered_at_once_writes_no_state(self):
+        saves = self.count_saves()
+        self.start()
+        self.queue(rcpts=("u@remote.example", "v@remote.example"))
+        self.assertEqual(self.entries(), {})
+        self.assertEqual(saves, [])
+
+    def test_two_destinations_save_the_first_outcome(self):
+        """While one group is still in flight, the other's outcome is on disk first."""
+        saves = self.count_saves()
+        self.deliverer.hold = True
+        self.start()
+        self.queue(rcpts=("u@remote.example", "w@example.com"))
+        self.deliverer.release_one()
+        self.assertEqual(saves, ["Q1"])  # the first group: saved before the second finishes
+        self.deliverer.release_one()
+        self.assertEqual(saves, ["Q1"])  # the last one completes the message: removed
+        self.assertEqual(self.entries(), {})
+
+    def test_partial_failure_is_saved(self):
+        saves = self.count_saves()
+        self.deliverer.replies["v@remote.example"] = (451, "4.3.0")
+        self.start()
+        self.queue(rcpts=("u@remote.example", "v@remote.example"))
+        self.assertGreaterEqual(len(saves), 1)
+        self.assertEqual(self.state("Q1").recipients["u@remote.example"]["outcome"], "delivered")
+
+    def test_bounce_is_recorded_before_the_message_goes(self):
+        saves = self.count_saves()
+        self.deliverer.replies["b@remote.example"] = (550, "5.1.1")
+        self.start()
+        self.queue(rcpts=("b@remote.example",))
+        self.assertIn("Q1", saves)
+        self.assertEqual(self.entries(), {})
+
+
+class SlowStartTests(unittest.TestCase):
+    def test_grows_by_one_per_limit_successes_up_to_the_maximum(self):
+        from mailgate.delivery.scheduler import _DestinationSlots
+
+        slots = _DestinationSlots(initial=5, maximum=7)
+        self.assertEqual(slots.limit, 5)
+        for _ in range(5):
+            slots.succeeded()
+        self.assertEqual(slots.limit, 6)
+        for _ in range(100):
+            slots.succeeded()
+        self.assertEqual(slots.limit, 7)
+
+    def test_failures_shrink_it_down_to_one(self):
+        from mailgate.delivery.scheduler import _DestinationSlots
+
+        slots = _DestinationSlots(initial=5, maximum=20)
+        for _ in range(5):
+            slots.failed()
+        self.assertEqual(slots.limit, 4)
+        for _ in range(100):
+            slots.failed()
+        self.assertEqual(slots.limit, 1)
+
+    def test_initial_above_maximum_is_the_maximum(self):
+        from mailgate.delivery.scheduler import _DestinationSlots
+
+        self.assertEqual(_DestinationSlots(initial=5, maximum=2).limit, 2)
+
+    def test_scheduler_starts_a_destination_at_initial_concurrency(self):
+        clock = Clock()
+        spool = Spool(self.mktemp(), clock, run_in_thread=sync)
+        self.successResultOf(spool.recover())
+        deliverer = FakeDeliverer()
+        deliverer.hold = True
+        service = DeliveryService(spool, FakeRouter(), deliverer, FakeConfig(DeliveryConfig(
+            initial_destination_concurrency=2, per_destination_concurrency=20, delay_warning=0.0)),
+            clock, lambda: "DSN")
+        service.startService()
+        self.addCleanup(service.stopService)
+        for i in range(5):
+            envelope = Envelope(queue_id="Q%d" % i, sender="a@sender.example",
+                                recipients=("u@remote.example",), client_ip="192.0.2.1",
+                                received_at=clock.seconds())
+            self.successResultOf(spool.enqueue(envelope, BODY))
+        self.assertEqual(len(deliverer.calls), 2)  # slow start: two at first
+        deliverer.release_one()
+        deliverer.release_one()  # two successes at limit 2: one more connection
+        self.assertEqual(len(deliverer.calls), 5)

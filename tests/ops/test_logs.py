@@ -439,7 +439,9 @@ def gateway_day(testcase):
     config = types.SimpleNamespace(delivery=DeliveryConfig(retry=(60.0,), delay_warning=0.0),
                                    gateway=GatewayConfig(hostname="mx.example.net"))
     deliverer = Deliverer(reactor, "mx.example.net",
-                          DeliveryConfig(connect_timeout=5.0, command_timeout=5.0), TLSConfig(),
+                          DeliveryConfig(connect_timeout=5.0, command_timeout=5.0,
+                                         connection_cache_time=0.0),  # a connection a message
+                          TLSConfig(),
                           events=logs.bus)
     scheduler = DeliveryService(queue, _Router(route, sink.port), deliverer, config, clock,
                                 lambda: "DSN1", events=logs.bus)

@@ -303,8 +303,9 @@ class FilterChain:
             top.insert(0, authresults.header(self.hostname, valid))
         state = "quarantine" if reasons else "active"
         reason = "; ".join(reasons) if reasons else None
-        log.info("filters done for {queue_id}: {state}{why}", queue_id=queue_id, state=state,
-                 why=" (%s)" % (reason,) if reason else "", reason=reason, session=session.id,
-                 verdicts=verdicts)
+        if verdicts:  # a listener without filters has nothing to say here, per message
+            log.info("filters done for {queue_id}: {state}{why}", queue_id=queue_id, state=state,
+                     why=" (%s)" % (reason,) if reason else "", reason=reason, session=session.id,
+                     verdicts=verdicts)
         data = b"".join(top) + authresults.strip_forged(raw, self.hostname)
         return DataResult(data, state, verdicts, reason)

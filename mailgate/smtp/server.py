@@ -115,7 +115,6 @@ class SMTPServer(smtp.ESMTP):
                      client=self.client_ip, listener=self.listener.name)
             self._close(policy.denied_banner_reply(self.hostname))
             return
-        log.debug("connect {client} on {listener}", client=self.client_ip, listener=self.listener.name)
         d = self.factory.gate.wait()
         d.addCallback(lambda _: self._hook("on_connect"))
         d.addCallbacks(self._connected, self._unavailable)

@@ -62,6 +62,10 @@ def parse_args(argv):
     parser.add_argument("--mailgate-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra key for mailgate's config, e.g. "
                              "delivery.per_destination_concurrency=20 (repeatable)")
+    parser.add_argument("--code", choices=("head", "worktree"), default="head",
+                        help="which mailgate to run: a snapshot of the committed HEAD (default), "
+                             "or of the working tree as it is when the bench starts; either way "
+                             "the same code for the whole run")
     parser.add_argument("--dir", default=None,
                         help="where the targets' directories go (default: a new one in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
@@ -141,10 +145,13 @@ class Bench:
         self.idle = {}  # target -> idle test result
         self.notes = []
         self.zone = None
+        self.code, self.code_description = None, "?"
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def prepare(self):
+        self.code, self.code_description = snapshot_code(self.root, self.args.code)
+        log("mailgate code: %s" % self.code_description)
         log("making a DKIM key and the loopback DNS zone for %s" % workload.SENDER_DOMAIN)
         key = workload.dkim_key()
         self.zone = workload.start_zone(key)
@@ -160,7 +167,7 @@ class Bench:
 
     def settings(self, **extra):
         settings = {"dns": self.zone.address, "as_root": self.as_root,
-                    "mailgate_set": self.args.mailgate_set}
+                    "mailgate_set": self.args.mailgate_set, "pythonpath": self.code}
         settings.update(extra)
         return settings
 
@@ -415,6 +422,45 @@ class Bench:
                 procs._kill_pid(pid)
 
 
+def snapshot_code(root, mode):
+    """
+    A copy of mailgate (the package and its twistd plugin) for the whole run, so that commits
+    and edits made in the repository meanwhile change nothing: (directory for PYTHONPATH, what it
+    is).  mode "head": the committed HEAD (git archive); "worktree": the files as they are now.
+    """
+    repo = workload.REPO
+    code = os.path.join(root, "code")
+    os.makedirs(code)
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", repo] + list(argv), capture_output=True, check=True)
+
+    commit = git("rev-parse", "--short", "HEAD").stdout.decode().strip()
+    if mode == "head":
+        archive = git("archive", "--format=tar", "HEAD", "mailgate", "twisted/plugins").stdout
+        subprocess.run(["tar", "-x", "-C", code], input=archive, check=True)
+        description = "committed HEAD %s (a snapshot taken at the start)" % commit
+    else:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
+        shutil.copytree(os.path.join(repo, "mailgate"), os.path.join(code, "mailgate"),
+                        ignore=ignore)
+        shutil.copytree(os.path.join(repo, "twisted", "plugins"),
+                        os.path.join(code, "twisted", "plugins"), ignore=ignore)
+        changed = git("status", "--porcelain", "--", "mailgate", "twisted").stdout.decode()
+        changed = [line[3:] for line in changed.splitlines() if line.strip()]
+        description = "working tree of %s%s (a snapshot taken at the start)" % (
+            commit, ", uncommitted changes in %s" % ", ".join(changed) if changed else "")
+    check = subprocess.run(
+        [targets.VENV_PYTHON, "-c", "import mailgate, mailgate.version as v; "
+         "print(mailgate.__file__); print(v.__version__)"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=code), cwd=code)
+    lines = check.stdout.split()
+    if check.returncode != 0 or not lines or not lines[0].startswith(code + os.sep):
+        raise SystemExit("bench/run: the snapshot of mailgate in %s is not what Python imports: %s"
+                         % (code, (check.stdout + check.stderr).strip()))
+    return code, "mailgate %s, %s" % (lines[1], description)
+
+
 def _field(text, name):
     """The lines (with continuations) of every header field called name in a dumped message."""
     out, inside = [], False
@@ -535,9 +581,6 @@ def render_idle(bench):
 def environment():
     import twisted
 
-    sys.path.insert(0, workload.REPO)
-    from mailgate.version import __version__
-
     def run(argv):
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -553,7 +596,6 @@ def environment():
     with open("/proc/meminfo") as f:
         memory = int(f.readline().split()[1]) // 1024
     debian = run(["cat", "/etc/debian_version"])
-    commit = run(["git", "-C", workload.REPO, "rev-parse", "--short", "HEAD"])
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": "%d cores (%s), %d MB RAM, Linux %s, Debian %s" % (
@@ -561,7 +603,6 @@ def environment():
         "python": platform.python_version(),
         "twisted": twisted.__version__,
         "postfix": run(["postconf", "-d", "-h", "mail_version"]),
-        "mailgate": "%s (git %s)" % (__version__, commit),
     }
 
 
@@ -570,8 +611,8 @@ def report(bench, argv, elapsed):
     table = render(bench)
     header = [
         "Date: %s. Machine: %s." % (env["date"], env["machine"]),
-        "Versions: Python %s, Twisted %s, Postfix %s, mailgate %s." % (
-            env["python"], env["twisted"], env["postfix"], env["mailgate"]),
+        "Versions: Python %s, Twisted %s, Postfix %s, %s." % (
+            env["python"], env["twisted"], env["postfix"], bench.code_description),
         "Command: `bench/run %s` (%d run%s per cell, medians; %.0f minutes in all)." % (
             " ".join(argv), bench.args.runs, "" if bench.args.runs == 1 else "s", elapsed / 60),
     ]

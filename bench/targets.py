@@ -28,6 +28,7 @@ import workload
 
 REPO = workload.REPO
 VENV_TWISTD = os.path.join(REPO, ".venv", "bin", "twistd")
+VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"
 START_TIMEOUT = 30.0
 
@@ -200,7 +201,10 @@ class Mailgate(Target):
         path = os.path.join(self.directory, "mailgate.ini")
         with open(path, "w") as f:
             f.write(render_ini(self.config()))
-        env = dict(os.environ, PYTHONPATH=REPO, PYTHONDONTWRITEBYTECODE="1")
+        # the run's snapshot of mailgate comes first on the path (before the venv's editable
+        # install of the repository, whose code others may be changing during the run)
+        env = dict(os.environ, PYTHONPATH=self.settings.get("pythonpath") or REPO,
+                   PYTHONDONTWRITEBYTECODE="1")
         self.log = os.path.join(self.directory, "twistd.log")
         with open(self.log, "wb") as out:
             self.process = self.children.spawn(

@@ -17,9 +17,12 @@ import socket
 
 from twisted.internet import base, defer, udp
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IResolver
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.names import client, common, dns, error
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 log = Logger()
 
@@ -335,3 +338,87 @@ def describe_failure(failure):
         if failure.check(kind):
             return text
     return "%s: %s" % (failure.type.__name__, failure.getErrorMessage())
+
+
+# --- timing every lookup ------------------------------------------------------------------------
+
+_METHOD_TYPES = {method: dns.QUERY_TYPES.get(rtype) or dns.EXT_QUERIES.get(rtype) or str(rtype)
+                 for rtype, method in common.typeToMethod.items()}
+
+
+def _dns_error(failure):
+    if failure.check(defer.CancelledError):
+        return "cancelled"
+    if failure.check(error.DNSNameError):
+        return "nxdomain"
+    if failure.check(error.DNSServerError):
+        return "servfail"
+    if failure.check(error.DNSQueryRefusedError):
+        return "refused"
+    if failure.check(defer.TimeoutError):  # DNSQueryTimeoutError is one
+        return "timeout"
+    return "other"
+
+
+@implementer(IResolver)
+class TimedResolver:
+    """
+    resolver (a twisted.names IResolver), with every lookup*, query and getHostByName call timed
+    on clock and published on events as a "dns" event: type (the record type), seconds, and
+    error (None, or nxdomain, servfail, refused, timeout, cancelled, other).  The metrics turn
+    them into mailgate_dns_seconds and mailgate_dns_errors_total, in whichever process they run.
+    The caller gets the wrapped resolver's own Deferred (cancelling it cancels the lookup).
+    Anything else (e.g. clear()) is the wrapped resolver's.
+    """
+
+    def __init__(self, resolver, events, clock):
+        self.resolver = resolver
+        self.events = events
+        self.clock = clock
+
+    def __getattr__(self, name):
+        if name == "resolver":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        target = getattr(self.resolver, name)
+        if name.startswith("lookup") and callable(target):
+            rtype = _METHOD_TYPES.get(name) or name[len("lookup"):].upper()
+            return lambda *args, **kwargs: self._timed(rtype, target, *args, **kwargs)
+        return target
+
+    def query(self, query, timeout=None):
+        rtype = dns.QUERY_TYPES.get(query.type) or dns.EXT_QUERIES.get(query.type) or str(query.type)
+        return self._timed(rtype, self.resolver.query, query, timeout)
+
+    def getHostByName(self, name, timeout=None, effort=10):
+        return self._timed("A", self.resolver.getHostByName, name, timeout, effort)
+
+    def _timed(self, rtype, call, *args, **kwargs):
+        started = self.clock.seconds()
+        try:
+            d = call(*args, **kwargs)
+        except Exception:
+            d = defer.fail(Failure())
+        if not isinstance(d, defer.Deferred):
+            d = defer.succeed(d)
+
+        def observe(result):
+            error = _dns_error(result) if isinstance(result, Failure) else None
+            self.events.emit("dns", type=rtype, seconds=max(0.0, self.clock.seconds() - started),
+                             error=error)
+            return result
+
+        return d.addBoth(observe)
+
+
+# Every IResolver lookup method is defined on the class (zope's verifyObject looks there).
+for _name in IResolver.names():
+    if _name.startswith("lookup") and not hasattr(TimedResolver, _name):
+        def _make(name):
+            def lookup(self, *args, **kwargs):
+                return getattr(self, "__getattr__")(name)(*args, **kwargs)
+
+            lookup.__name__ = name
+            return lookup
+
+        setattr(TimedResolver, _name, _make(_name))
+del _name

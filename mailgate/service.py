@@ -99,13 +99,11 @@ class _Builder:
             return self.resolver
         if previous is not None and previous.config.dns == config.dns:
             return previous.resolver
-        from mailgate.resolver import make_resolver
+        from mailgate.resolver import TimedResolver, make_resolver
 
         resolver = make_resolver(config.dns, self.reactor)  # the one resolver: filters and delivery
-        if self.metrics is not None:
-            from mailgate.ops.metrics import InstrumentedResolver
-
-            resolver = InstrumentedResolver(resolver, self.metrics, self.reactor)
+        if self.events is not None:
+            resolver = TimedResolver(resolver, self.events, self.reactor)  # "dns" events: metrics
         return resolver
 
     def _auth(self, config, previous):

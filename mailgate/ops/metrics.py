@@ -62,13 +62,10 @@ import re
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet import defer
-from twisted.internet.interfaces import IResolver
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.names import common, dns, error as dnserror
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
+from mailgate.resolver import TimedResolver
 from mailgate.version import __version__
 
 log = Logger()
@@ -215,6 +212,11 @@ class Metrics:
             self._tracking(fields)
         elif kind == "verdict":
             self.filter_verdicts.labels(_label(fields.get("filter")), _label(fields.get("action"))).inc()
+        elif kind == "dns":
+            rtype = _label(fields.get("type"))
+            self.dns_seconds.labels(rtype).observe(fields.get("seconds") or 0.0)
+            if fields.get("error"):
+                self.dns_errors.labels(rtype, fields["error"]).inc()
 
     def _protocol(self, fields):
         event = fields.get("event")
@@ -368,81 +370,16 @@ class Metrics:
 
 # -- DNS -------------------------------------------------------------------------------------------
 
-_METHOD_TYPES = {method: dns.QUERY_TYPES.get(rtype) or dns.EXT_QUERIES.get(rtype) or str(rtype)
-                 for rtype, method in common.typeToMethod.items()}
+class _Direct:
+    """An event bus with one observer, metrics: for InstrumentedResolver outside a gateway."""
 
-
-def _dns_error(failure):
-    if failure.check(defer.CancelledError):
-        return "cancelled"
-    if failure.check(dnserror.DNSNameError):
-        return "nxdomain"
-    if failure.check(dnserror.DNSServerError):
-        return "servfail"
-    if failure.check(dnserror.DNSQueryRefusedError):
-        return "refused"
-    if failure.check(defer.TimeoutError):  # DNSQueryTimeoutError is one
-        return "timeout"
-    return "other"
-
-
-@implementer(IResolver)
-class InstrumentedResolver:
-    """
-    resolver (a twisted.names IResolver), with every lookup*, query and getHostByName call timed
-    on clock into metrics.dns_seconds{type}, and its failures counted in
-    metrics.dns_errors_total{type,error}.  The caller gets the wrapped resolver's own Deferred
-    (cancelling it cancels the lookup).  Anything else (e.g. clear()) is the wrapped resolver's.
-    """
-
-    def __init__(self, resolver, metrics, clock):
-        self.resolver = resolver
+    def __init__(self, metrics):
         self.metrics = metrics
-        self.clock = clock
 
-    def __getattr__(self, name):
-        if name == "resolver":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        target = getattr(self.resolver, name)
-        if name.startswith("lookup") and callable(target):
-            rtype = _METHOD_TYPES.get(name) or name[len("lookup"):].upper()
-            return lambda *args, **kwargs: self._timed(rtype, target, *args, **kwargs)
-        return target
-
-    def query(self, query, timeout=None):
-        rtype = dns.QUERY_TYPES.get(query.type) or dns.EXT_QUERIES.get(query.type) or str(query.type)
-        return self._timed(rtype, self.resolver.query, query, timeout)
-
-    def getHostByName(self, name, timeout=None, effort=10):
-        return self._timed("A", self.resolver.getHostByName, name, timeout, effort)
-
-    def _timed(self, rtype, call, *args, **kwargs):
-        started = self.clock.seconds()
-        try:
-            d = call(*args, **kwargs)
-        except Exception:
-            d = defer.fail(Failure())
-        if not isinstance(d, defer.Deferred):
-            d = defer.succeed(d)
-
-        def observe(result):
-            self.metrics.dns_seconds.labels(rtype).observe(max(0.0, self.clock.seconds() - started))
-            if isinstance(result, Failure):
-                self.metrics.dns_errors.labels(rtype, _dns_error(result)).inc()
-            return result
-
-        return d.addBoth(observe)
+    def emit(self, kind, **fields):
+        self.metrics.observe(kind, fields)
 
 
-# Every IResolver lookup method is defined on the class (zope's verifyObject looks there).
-for _name in IResolver.names():
-    if _name.startswith("lookup") and not hasattr(InstrumentedResolver, _name):
-        def _make(name):
-            def lookup(self, *args, **kwargs):
-                return getattr(self, "__getattr__")(name)(*args, **kwargs)
-
-            lookup.__name__ = name
-            return lookup
-
-        setattr(InstrumentedResolver, _name, _make(_name))
-del _name
+def InstrumentedResolver(resolver, metrics, clock):
+    """resolver with every lookup timed into metrics (mailgate.resolver.TimedResolver)."""
+    return TimedResolver(resolver, _Direct(metrics), clock)

@@ -46,6 +46,14 @@ class EventBus:
             except Exception:
                 log.failure("event observer {observer!r} failed", observer=observer)
 
+    def relay(self, kind, fields):
+        """An event another process emitted (its fields have their time): pass it on as it is."""
+        for observer in list(self._observers):
+            try:
+                observer(kind, fields)
+            except Exception:
+                log.failure("event observer {observer!r} failed", observer=observer)
+
     def track(self, event, **fields):
         self.emit("tracking", event=event, **fields)
 

@@ -19,7 +19,10 @@ from twisted.logger import Logger
 from mailgate.errors import ConfigError
 from mailgate.queue import new_queue_id
 from mailgate.smtp.gate import Gate
-from mailgate.smtp.listener import ListenerFactory, ListenerService, listening_endpoint, tls_factory
+from mailgate.smtp.listener import (
+    AdoptedEndpoint, ListenerFactory, ListenerService, listening_endpoint, listening_socket,
+    tls_factory,
+)
 
 log = Logger()
 
@@ -31,14 +34,26 @@ class GatewayService(service.MultiService):
 
     events is the EventBus (subscribe for protocol and tracking events); admin the AdminService
     (or None).  reload() applies a new configuration while running.
+
+    With receiver processes (mailgate.processes) the same class plays two parts.  The main
+    process binds every listener without accepting (accepting = False), recovers the queue,
+    then starts receivers (the ReceiverPool), delivers, and serves the admin socket and the
+    metrics.  A receiver process accepts on the sockets it inherited (adopted: listener name ->
+    (descriptor, family)) and never recovers the queue (recover = False): the main process did,
+    before the receivers started.
     """
 
-    def __init__(self, config, queue, factories, delivery=None):
+    accepting = True
+    adopted = None
+    receivers = None
+
+    def __init__(self, config, queue, factories, delivery=None, recover=True):
         service.MultiService.__init__(self)
         self.config = config
         self.queue = queue
         self.factories = factories
         self.delivery = delivery
+        self.recover = recover
         self.events = None
         self.admin = None
         self.ready = None
@@ -55,19 +70,29 @@ class GatewayService(service.MultiService):
         for factory in self.factories:
             factory.gate = gate
         self._queue_ready = False
-        self.ready = defer.maybeDeferred(self.queue.recover)
+        self.ready = defer.maybeDeferred(self.queue.recover) if self.recover else defer.succeed(0)
         self.ready.addCallbacks(self._recovered, self._recovery_failed, callbackArgs=(gate,),
                                 errbackArgs=(gate,))
         service.MultiService.startService(self)
         self._start_delivery()  # when recovery was over before the listeners were bound
+        self._start_receivers()
 
     _queue_ready = False
 
     def _recovered(self, removed, gate):
-        log.info("queue ready")
+        if self.recover:
+            log.info("queue ready")
         self._queue_ready = True
         gate.open()
         self._start_delivery()
+        self._start_receivers()
+
+    def _start_receivers(self):
+        """The receiver processes start once the queue is clean (they never recover it)."""
+        pool = self.receivers
+        if pool is None or pool.running or not self._queue_ready or not self.running:
+            return
+        pool.startService()
 
     def _start_delivery(self):
         if self.delivery is None or self.delivery.running or not self._queue_ready or not self.running:
@@ -78,9 +103,19 @@ class GatewayService(service.MultiService):
         self.delivery.startService()
 
     def stopService(self):
+        receivers = None
+        if self.receivers is not None and self.receivers.running:
+            receivers = self.receivers.stopService()  # they stop accepting at once
         if self.delivery is not None and self.delivery.running:
             self.delivery.stopService()
-        return service.MultiService.stopService(self)
+        stopped = service.MultiService.stopService(self)
+        if receivers is None:
+            return stopped
+        return defer.gatherResults([receivers, stopped], consumeErrors=True)
+
+    def process_problems(self):
+        """Why the receiver processes cannot take mail now ([] without receivers): /healthz."""
+        return self.receivers.problems() if self.receivers is not None else []
 
     def _recovery_failed(self, failure, gate):
         log.failure("queue recovery failed: refusing mail", failure)
@@ -120,13 +155,24 @@ class GatewayService(service.MultiService):
                 new_config = load_config(path)
             parts = self._builder.prepare(new_config, self._parts)
             plan = yield self._bind_new_listeners(new_config, parts)
+            if self.receivers is not None and self.receivers.running:
+                try:
+                    # The new receivers accept before anything changes here.
+                    yield self.receivers.prepare(new_config, _planned_sockets(plan))
+                except ConfigError:
+                    yield defer.ensureDeferred(self._undo(plan))
+                    raise
         except ConfigError as e:
             log.error("reload refused: {error}; the running configuration stays", error=str(e))
             raise
         except Exception as e:
             log.failure("reload failed unexpectedly; the running configuration stays")
             raise ConfigError(path, None, None, "reload failed: %s: %s" % (type(e).__name__, e))
+        old_config = self.config
         summary = self._apply(new_config, parts, plan)
+        if self.receivers is not None and self.receivers.running:
+            yield self.receivers.commit()  # the old receivers have stopped accepting
+        self._announce(new_config, old_config, summary)
         yield plan.stopped
         return summary
 
@@ -160,15 +206,19 @@ class GatewayService(service.MultiService):
                 except ConfigError as e:
                     failed.append((listener_service, e))
         if failed:
-            await _all([s.stop_listening() for s in plan.new_services if s.port is not None])
-            if plan.stopped_early:
-                for old in plan.removed:  # back as they were
-                    try:
-                        await old.listen()
-                    except ConfigError as e:
-                        log.critical("{error}", error=str(e))
+            await self._undo(plan)
             raise failed[0][1]
         return plan
+
+    async def _undo(self, plan):
+        """A refused reload: the new listeners unbound, the old ones back as they were."""
+        await _all([s.stop_listening() for s in plan.new_services if s.port is not None])
+        if plan.stopped_early:
+            for old in plan.removed:
+                try:
+                    await old.listen()
+                except ConfigError as e:
+                    log.critical("{error}", error=str(e))
 
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
@@ -179,9 +229,16 @@ class GatewayService(service.MultiService):
         wrapped = factory
         if listener.tls == "implicit":
             wrapped = tls_factory(self._builder.current_tls, factory, self._builder.reactor)
-        endpoint = listening_endpoint(self._builder.reactor, listener)
-        return ListenerService(config, listener, endpoint, wrapped, self._builder.local_addresses,
-                               smtp_factory=factory)
+        if self.adopted is not None:
+            fd, family = self.adopted[listener.name]
+            endpoint = AdoptedEndpoint(self._builder.reactor, fd, family)
+        else:
+            endpoint = listening_endpoint(self._builder.reactor, listener)
+        listening = ListenerService(config, listener, endpoint, wrapped,
+                                    self._builder.local_addresses, smtp_factory=factory)
+        listening.accepting = self.accepting
+        listening.announce = self.adopted is None
+        return listening
 
     def _apply(self, config, parts, plan):
         """The swap: nothing here can fail on a config, and nothing waits."""
@@ -207,7 +264,7 @@ class GatewayService(service.MultiService):
         by_name = {s.listener.name: s for s in self.listeners()}
         self.services.sort(key=lambda s: _order(s, config.listeners))
         self.factories = [by_name[listener.name].smtp_factory for listener in config.listeners]
-        old_config, self.config, self._parts = self.config, config, parts
+        self.config, self._parts = config, parts
         if self.delivery is not None:
             self.delivery.reconfigure(config, self._builder.router(parts), parts.deliverer,
                                       parts.signer)
@@ -223,6 +280,12 @@ class GatewayService(service.MultiService):
         }
         summary = {"path": config.path, "listeners": listeners,
                    "routes": [route.name for route in config.routes]}
+        plan.stopped = _all([d for d in stopping if d is not None])
+        return summary
+
+    def _announce(self, config, old_config, summary):
+        """The reload is done: say so, and tell the observers."""
+        listeners = summary["listeners"]
         log.info("configuration reloaded from {path}: listeners {listeners}, routes {routes}",
                  path=config.path, old_path=old_config.path,
                  listeners="; ".join("%s %s" % (what, ", ".join(names))
@@ -233,8 +296,18 @@ class GatewayService(service.MultiService):
                 observer(config)
             except Exception:
                 log.failure("reload observer {observer!r} failed", observer=observer)
-        plan.stopped = _all([d for d in stopping if d is not None])
-        return summary
+
+
+def _planned_sockets(plan):
+    """{new listener name: (fd, family)} of what a reload's plan will listen on."""
+    sockets = {}
+    for listening, listener in plan.kept:
+        if listening.port is not None:
+            sockets[listener.name] = listening_socket(listening.port)
+    for listening in plan.new_services:
+        if listening.port is not None:
+            sockets[listening.listener.name] = listening_socket(listening.port)
+    return sockets
 
 
 def _order(child, listeners):

@@ -164,7 +164,8 @@ def _tls_options(config):
 
 
 def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=None, auth=None,
-                  resolver=None, deliverer=None, deliver=True, admin=True):
+                  resolver=None, deliverer=None, deliver=True, admin=True, receivers=0,
+                  adopted=None):
     """
     The gateway for config as an IService.  threadpool (default: the reactor's) runs every disk
     write, fsync, password hash and DKIM signature; run_in_thread replaces it in tests.  auth
@@ -172,6 +173,11 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     [dns], deliverer the SMTP client; deliver=False builds a receive-only gateway.  hooks, when
     given, replaces every listener's filter chain (built from its filters key otherwise).
     admin=False leaves out the admin channel ([admin] socket).
+
+    receivers=N (2 or more) makes the main process of a gateway with N receiver processes
+    (mailgate.processes): its listeners bind but do not accept.  adopted ({listener name:
+    (descriptor, family)}) makes a receiver process: listeners on those inherited sockets, no
+    queue recovery, no delivery, admin channel, logs or /metrics (the main process has them).
     Raises ConfigError for anything wrong that can be seen before starting.
     """
     from mailgate.ops.httpd import MetricsService
@@ -181,8 +187,11 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     if threadpool is None and run_in_thread is None:
         threadpool = reactor.getThreadPool()
     _prepare_spool_dir(config)
+    receiving = adopted is not None  # a receiver process
+    if receiving:
+        deliver = admin = False
     events = EventBus(reactor)
-    metrics = Metrics(events, reactor)
+    metrics = None if receiving else Metrics(events, reactor)
     builder = _Builder(reactor, threadpool, run_in_thread, hooks, auth, resolver, deliverer,
                        events=events, metrics=metrics)
     parts = builder.prepare(config)
@@ -192,10 +201,16 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
     if deliver:
         delivery = DeliveryService(queue, builder.router(parts), parts.deliverer or deliverer, config,
                                    reactor, new_queue_id, signer=parts.signer, events=events)
-    gateway = GatewayService(config, queue, [], delivery)
+    gateway = GatewayService(config, queue, [], delivery, recover=not receiving)
     gateway.events = events  # subscribe here for protocol and tracking events
     gateway._builder, gateway._parts = builder, parts
-    if config.logging.dir:
+    gateway.adopted = adopted
+    if receivers > 1:
+        from mailgate.processes.pool import ReceiverPool
+
+        gateway.accepting = False
+        gateway.receivers = ReceiverPool(gateway, reactor, receivers)
+    if config.logging.dir and not receiving:
         from mailgate.ops.logs import LogService
 
         # The first child: it starts before any session and stops (draining its queue) last.
@@ -209,7 +224,8 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
 
         gateway.admin = AdminService(config, reactor, gateway)
         gateway.admin.setServiceParent(gateway)
-    # /metrics and /healthz when [metrics] endpoint is set; the [alerts] checks in any case.
-    gateway.metrics = MetricsService(config, reactor, gateway, metrics=metrics)
-    gateway.metrics.setServiceParent(gateway)
+    if not receiving:
+        # /metrics and /healthz when [metrics] endpoint is set; the [alerts] checks in any case.
+        gateway.metrics = MetricsService(config, reactor, gateway, metrics=metrics)
+        gateway.metrics.setServiceParent(gateway)
     return gateway

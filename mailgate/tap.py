@@ -86,8 +86,13 @@ class _ReloadOnHangup(service.Service):
 def makeService(options):
     from twisted.internet import reactor
 
+    from mailgate.config import load_config
+    from mailgate.processes.pool import receiver_count
+
     try:
-        gateway = Gateway.from_config(options["config"], reactor=reactor)
+        config = load_config(options["config"])
+        # [gateway] workers: receiver processes on both cores (an embedder's gateway is one).
+        gateway = Gateway.from_config(config, reactor=reactor, receivers=receiver_count(config))
     except ConfigError as e:
         _fail(e)
     top = _Guarded()

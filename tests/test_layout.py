@@ -14,8 +14,10 @@ from tests import REPO
 PACKAGE = os.path.join(REPO, "mailgate")
 STAGES = ("mailgate.smtp", "mailgate.filters", "mailgate.queue", "mailgate.delivery")
 # What the stages must never reach: they publish events, and the ops side subscribes.
-ASSEMBLY = ("mailgate.ops", "mailgate.service", "mailgate.gateway", "mailgate.cli", "mailgate.tap")
-GLOBAL_REACTOR_ALLOWED = ("mailgate.tap", "mailgate")  # twistd's plugin; Gateway.from_config's default
+ASSEMBLY = ("mailgate.ops", "mailgate.service", "mailgate.gateway", "mailgate.cli", "mailgate.tap",
+            "mailgate.processes")
+# The programs' entry points: twistd's plugin, a receiver process; Gateway.from_config's default.
+GLOBAL_REACTOR_ALLOWED = ("mailgate.tap", "mailgate.processes.receiver", "mailgate")
 
 
 def modules():

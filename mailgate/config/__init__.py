@@ -37,7 +37,7 @@ from mailgate.config.gateway import (DNS_KEYS, GATEWAY_KEYS, LIMITS_KEYS, DNSCon
                                      GatewayConfig, Limits)
 from mailgate.config.listeners import (AUTH_KEYS, DEFAULT_FILTERS, LISTENER_KEYS, TLS_KEYS,
                                        AuthConfig, ListenerConfig, TLSConfig)
-from mailgate.config.loader import CHECKS, DEFAULT_CONFIG, config_file, load_config
+from mailgate.config.loader import CHECKS, DEFAULT_CONFIG, config_file, load_config, load_config_text
 from mailgate.config.ops import (ADMIN_KEYS, ALERTS_KEYS, LOGGING_KEYS, METRICS_KEYS, AdminConfig,
                                  AlertsConfig, LoggingConfig, MetricsConfig)
 from mailgate.config.queue import QUEUE_KEYS, QueueConfig
@@ -58,7 +58,7 @@ __all__ = [
     "MetricsConfig", "AlertsConfig", "AdminConfig",
     "BUILTIN_FILTERS", "DEFAULT_FILTERS", "DEFAULT_BLOCKED_EXTENSIONS",
     # Loading and rendering.
-    "DEFAULT_CONFIG", "config_file", "load_config", "render_config", "CHECKS",
+    "DEFAULT_CONFIG", "config_file", "load_config", "load_config_text", "render_config", "CHECKS",
     "SECRET_KEYS", "SECRET_OPTION_WORDS", "HIDDEN",
     # The schema.
     "SECTIONS", "Key", "Section", "REQUIRED",

@@ -8,8 +8,8 @@ import socket
 import attr
 
 from mailgate.config.schema import Key, _plain
-from mailgate.config.types import (DomainList, Duration, Hostname, Int, NameserverList, Size,
-                                   _hostname)
+from mailgate.config.types import (DomainList, Duration, Hostname, Int, NameserverList,
+                                   ProcessCount, Size, _hostname)
 
 
 @attr.s(frozen=True, slots=True)
@@ -26,6 +26,7 @@ class GatewayConfig:
     hostname = attr.ib()
     accepted_domains = attr.ib(default=())  # tuple of lower-case str
     max_message_size = attr.ib(default=35 * 1024 * 1024)
+    workers = attr.ib(default=0)  # 0: auto
 
 
 @attr.s(frozen=True, slots=True)
@@ -62,6 +63,16 @@ GATEWAY_KEYS = {
         doc="The largest message accepted (announced with EHLO `SIZE`); the default for every "
         "listener's `max_message_size`.",
         example="50M",
+    ),
+    "workers": Key(
+        ProcessCount(), "auto",
+        doc="How many processes receive mail: `auto` is one a CPU.  With more than one, the "
+        "main process binds the listeners, recovers the queue, delivers and serves the admin "
+        "socket and `/metrics`, and the receiver processes accept on the listeners' sockets "
+        "(each writes the messages it accepts to the queue itself, before its 250); with `1`, "
+        "one process does everything.  A gateway embedded in another Twisted program "
+        "(`Gateway.from_config`) is always one process.",
+        example="4",
     ),
 }
 

@@ -28,7 +28,18 @@ def config_file(option=None):
 
 def load_config(path):
     """Read, parse and check the ini file at path; every problem is one ConfigError."""
-    parser = _read(path)
+    return _load(path, _read(path))
+
+
+def load_config_text(text, path):
+    """
+    The same for ini text said to come from path (relative paths are taken from there): a
+    receiver process gets the running configuration this way, rendered by the main process.
+    """
+    return _load(path, _parse(path, text))
+
+
+def _load(path, parser):
     base = os.path.dirname(os.path.abspath(path))
     found = {kind: [] for kind in SECTIONS}
     for name in parser.sections():

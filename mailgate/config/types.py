@@ -62,6 +62,23 @@ class Int:
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
+
+
+@attr.s(frozen=True)
+class ProcessCount:
+    """`auto` (0: one a CPU) or an integer from 1 to 64."""
+
+    def parse(self, text, base):
+        if text.lower() == "auto":
+            return 0
+        return Int(1, 64).parse(text, base)
+
+    def describe(self):
+        return "`auto` or an integer from 1 to 64"
+
+    def render(self, value):
+        return "auto" if value == 0 else str(value)
+
 @attr.s(frozen=True)
 class Size:
     """Bytes, or K/M/G in powers of 1024 (35M, 512K, 1048576)."""

@@ -25,6 +25,7 @@ def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
     for child in gateway.listeners():
         if child.port is None:
             problems.append("listener %s not bound" % (child.listener.name,))
+    problems.extend(gateway.process_problems() if hasattr(gateway, "process_problems") else [])
     ready = getattr(gateway, "ready", None)
     if isinstance(ready, defer.Deferred) and not ready.called:
         problems.append("queue recovery in progress")

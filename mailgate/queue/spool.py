@@ -730,6 +730,14 @@ class Spool:
 
         return unsubscribe
 
+    def announce(self, queue_id, state):
+        """
+        Another process committed queue_id into state on this spool (a receiver process, which
+        tells the main one): the subscribers hear of it as of our own commits.
+        """
+        _check_state(state)
+        self._notify(_check_id(queue_id), state)
+
     def _notify(self, queue_id, state):
         for callback in list(self._subscribers):  # a callback may subscribe or unsubscribe
             try:

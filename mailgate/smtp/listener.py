@@ -12,9 +12,9 @@ import errno
 
 from OpenSSL import SSL
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -66,12 +66,41 @@ class CurrentTLS:
         return SSL.Connection(self.options.getContext(), None)
 
 
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """
+    A listening socket inherited from the main process (descriptor fd, address family): a
+    receiver process accepts on it (mailgate.processes).  The main process keeps it bound, so
+    its port stays the gateway's across receiver restarts and reloads.
+    """
+
+    def __init__(self, reactor, fd, family):
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory):
+        return defer.maybeDeferred(self.reactor.adoptStreamPort, self.fd, self.family, factory)
+
+
+def listening_socket(port):
+    """(descriptor, address family) of a bound port, for a receiver process to inherit."""
+    return port.fileno(), port.addressFamily
+
+
 class ListenerService(service.Service):
     """
     One [listener:NAME]: binds its endpoint when started, stops listening when stopped (open
     sessions are not touched).  factory is what listens (the SMTPFactory, or TLS around it);
     smtp_factory the SMTPFactory itself.
+
+    accepting=False binds without accepting: the main process of a gateway with receiver
+    processes holds the port and the receivers accept on it.  announce=False logs the binding
+    at debug level only (a receiver's adopted socket is the main process's port).
     """
+
+    accepting = True
+    announce = True
 
     def __init__(self, config, listener, endpoint, factory, local_addresses, smtp_factory=None):
         self.config = config
@@ -111,12 +140,15 @@ class ListenerService(service.Service):
 
     def _listening(self, port):
         self.port = port
+        if not self.accepting:
+            port.stopReading()  # bound and listening; the receiver processes accept
         address = port.getHost()
         if getattr(address, "port", None) is not None:
             # Delivery's loop detection: never send mail to one of our own listeners.
             self.local_addresses.add((address.host, address.port))
-        log.info("listener {listener} ({role}) listening on {address}", listener=self.listener.name,
-                 role=self.listener.role, address=_describe(address))
+        emit = log.info if self.announce else log.debug
+        emit("listener {listener} ({role}) listening on {address}", listener=self.listener.name,
+             role=self.listener.role, address=_describe(address))
         return port
 
     def _failed(self, failure):

@@ -1,0 +1,174 @@
+"""
+A receiver process: `python -m mailgate.processes.receiver --listen NAME=FD:FAMILY ...`.
+
+Started by the main process (mailgate.processes.pool), never by hand.  The first thing it reads
+on its standard input is the main process's running configuration; it builds the receiving half
+of the gateway from it (listeners on the inherited sockets, their filter chains, the queue's
+enqueue), and reports over its descriptor 3 (mailgate.processes.channel) everything the main
+process must know: its events, the messages it committed, its log lines.
+Like mailgate.tap, it is a program's entry point, so it uses the global reactor.
+"""
+
+import argparse
+import os
+import sys
+
+from twisted.application import service
+from twisted.internet import stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+from zope.interface import implementer
+
+from mailgate.errors import ConfigError
+from mailgate.processes.channel import LineDecoder, encode
+
+EVENTS_FD = 3
+SUMMARY_EVENTS = ("connect", "disconnect", "tls")  # of the protocol events, what metrics count
+TIMEOUT_REPLY = "421 "  # replies the main process needs even in summary mode (timeouts, limits)
+
+
+@implementer(IHalfCloseableProtocol)
+class Channel(Protocol):
+    """Standard input (commands from the main process) and descriptor 3 (everything we report)."""
+
+    def __init__(self, receiver):
+        self.receiver = receiver
+        self._decoder = LineDecoder()
+
+    def send(self, message):
+        if self.transport is not None:
+            self.transport.write(encode(message))
+
+    def dataReceived(self, data):
+        for message in self._decoder.feed(data):
+            if message.get("t") == "config":
+                self.receiver.start(str(message.get("ini", "")), str(message.get("path", "")))
+            elif message.get("t") == "retire":
+                self.receiver.retire()
+            elif message.get("t") == "stop":
+                self.receiver.retire(hard=True)
+
+    def readConnectionLost(self):
+        self.receiver.retire()  # the main process is gone: stop accepting, finish what is open
+
+    def writeConnectionLost(self):
+        self.receiver.retire(hard=True)  # nobody hears us: nothing we accept could be delivered
+
+    def connectionLost(self, reason=None):
+        self.receiver.retire(hard=True)
+
+
+class Receiver:
+    def __init__(self, reactor, all_events, adopted):
+        self.reactor = reactor
+        self.all_events = all_events
+        self.adopted = adopted
+        self.channel = Channel(self)
+        self.gateway = None
+        self.open_sessions = 0
+        self.retiring = False
+        self._finishing = False
+
+    # -- what we report
+
+    def observe(self, kind, fields):
+        """The event bus observer: every event the main process needs, to the main process."""
+        if kind == "protocol" and fields.get("direction") == "in":
+            event = fields.get("event")
+            if event == "connect":
+                self.open_sessions += 1
+            elif event == "disconnect":
+                self.open_sessions -= 1
+                if self.retiring and self.open_sessions <= 0:
+                    self.reactor.callLater(0, self.finish)
+            if not self.all_events and event not in SUMMARY_EVENTS and not (
+                    event == "reply" and str(fields.get("data", "")).startswith(TIMEOUT_REPLY)):
+                return
+        self.channel.send({"t": "ev", "k": kind, "f": fields})
+
+    def committed(self, queue_id, state):
+        self.channel.send({"t": "q", "id": queue_id, "s": state})
+
+    def log(self, event):
+        level = event.get("log_level", LogLevel.info)
+        if level < LogLevel.info:
+            return
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        self.channel.send({"t": "log", "lvl": level.name, "ns": event.get("log_namespace", "-"),
+                           "msg": text})
+
+    # -- life
+
+    def start(self, ini, path):
+        from mailgate.config import load_config_text
+        from mailgate.service import build_service
+
+        if self.gateway is not None or self.retiring:
+            return
+        adopted = self.adopted
+        try:
+            config = load_config_text(ini, path)
+            self.gateway = build_service(config, self.reactor, adopted=adopted)
+            self.gateway.events.subscribe(self.observe)
+            self.gateway.queue.subscribe(self.committed)
+            service.IService(self.gateway).privilegedStartService()
+            self.gateway.startService()
+        except ConfigError as e:
+            self.channel.send({"t": "fatal", "error": str(e)})
+            self.reactor.callLater(0, self.reactor.stop)
+            return
+        for fd, _ in adopted.values():
+            os.close(fd)  # the ports hold their own copies
+        self.channel.send({"t": "ready"})
+
+    def retire(self, hard=False):
+        if self.retiring and not hard:
+            return
+        self.retiring = True
+        if self.gateway is not None:
+            for listening in self.gateway.listeners():
+                listening.stop_listening()
+        self.channel.send({"t": "retired"})  # not accepting any more: the reload may go on
+        if hard or self.open_sessions <= 0 or self.gateway is None:
+            self.reactor.callLater(0, self.finish)
+        else:
+            limit = max((l.limits.session_timeout for l in self.gateway.config.listeners), default=0)
+            self.reactor.callLater(limit + 5, self.finish)
+
+    def finish(self):
+        if self._finishing:
+            return
+        self._finishing = True
+        d = self.gateway.stopService() if self.gateway is not None and self.gateway.running else None
+        if d is not None:
+            d.addBoth(lambda _: self.reactor.stop())
+        else:
+            self.reactor.stop()
+
+
+def _listen_argument(text):
+    name, _, rest = text.partition("=")
+    fd, _, family = rest.partition(":")
+    return name, (int(fd), int(family))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mailgate.processes.receiver")
+    parser.add_argument("--listen", action="append", type=_listen_argument, default=[])
+    parser.add_argument("--events", choices=("all", "summary"), default="summary")
+    args = parser.parse_args(argv)
+    from twisted.internet import reactor
+
+    receiver = Receiver(reactor, args.events == "all", dict(args.listen))
+    globalLogBeginner.beginLoggingTo([receiver.log], redirectStandardIO=False)
+    stdio.StandardIO(receiver.channel, stdin=0, stdout=EVENTS_FD, reactor=reactor)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

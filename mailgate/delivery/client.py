@@ -83,6 +83,7 @@ from mailgate.delivery.tls import (
     retry_in_plaintext,
 )
 from mailgate.delivery.transcript import Transcript
+from mailgate.tcp import connect_tcp
 from mailgate.smtp.address import is_ip_address
 from mailgate.envelope import RecipientResult
 from mailgate.events import message_id
@@ -722,6 +723,6 @@ class Deliverer:
             factory.events = self.events
             factory.message_id = mid
         d = factory.result
-        self.reactor.connectTCP(hop.address, hop.port, factory,
-                                timeout=self.config.connect_timeout)
+        connect_tcp(self.reactor, hop.address, hop.port, factory,
+                    timeout=self.config.connect_timeout)
         return d

@@ -426,7 +426,6 @@ class DeliveryService(service.Service):
             if bounced:  # the DSN is queued: the state says so before the message goes
                 yield self.queue.save_state(queue_id, msg.to_bytes())
             yield self.queue.remove(queue_id)
-            log.info("{queue_id} done", queue_id=queue_id)
             return
         msg.attempts += 1
         warn_at = envelope.received_at + self.delivery.delay_warning

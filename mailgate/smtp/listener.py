@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgate import tcp
 from mailgate.errors import ConfigError
 from mailgate.smtp.server import SMTPFactory
 
@@ -32,13 +33,32 @@ _BACKLOG_TYPES = ("tcp", "tcp6", "unix")
 def listening_endpoint(reactor, listener):
     """
     The server endpoint of listener, with its backlog: Twisted's default of 50 overflows under
-    a burst of connections (each dropped SYN costs the client a second or more).
+    a burst of connections (each dropped SYN costs the client a second or more).  TCP listeners
+    get mailgate.tcp's transports, which send replies at once.
     """
     text = listener.endpoint
     kind = text.split(":", 1)[0]
     if kind in _BACKLOG_TYPES and "backlog=" not in text:
         text += ":backlog=%d" % listener.backlog
-    return endpoints.serverFromString(reactor, text)
+    endpoint = endpoints.serverFromString(reactor, text)
+    if isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
+        return _TCPEndpoint(reactor, endpoint._port, endpoint._interface, endpoint._backlog)
+    return endpoint
+
+
+@implementer(IStreamServerEndpoint)
+class _TCPEndpoint:
+    """tcp: and tcp6: endpoints, listening with mailgate.tcp.listen_tcp."""
+
+    def __init__(self, reactor, port, interface, backlog):
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    def listen(self, factory):
+        return defer.execute(tcp.listen_tcp, self.reactor, self.port, factory, self.backlog,
+                             self.interface)
 
 
 class ListenerFactory(SMTPFactory):
@@ -80,7 +100,7 @@ class AdoptedEndpoint:
         self.family = family
 
     def listen(self, factory):
-        return defer.maybeDeferred(self.reactor.adoptStreamPort, self.fd, self.family, factory)
+        return defer.maybeDeferred(tcp.adopt_tcp, self.reactor, self.fd, self.family, factory)
 
 
 def listening_socket(port):

@@ -255,10 +255,12 @@ class Bench:
                     self.sampler.watch(target.pgid)
                     started.append(target)
             for target in started:
+                self.sampler.focus = target.pgid
                 self.warm_up(target, cell)
             for run in range(self.args.runs):
                 order = started[run % len(started):] + started[:run % len(started)] if started else []
                 for target in order:
+                    self.sampler.focus = target.pgid
                     result = self.measure(target, cell)
                     result.update(cell=cell.name, target=target.name, run=run + 1)
                     self.runs.append(result)
@@ -272,6 +274,7 @@ class Bench:
                     for line in target.postfix_errors()[-3:]:
                         log("%s: %s" % (target.name, line))
         finally:
+            self.sampler.focus = None
             for target in started:
                 self.peaks[(cell.name, target.name)] = self.sampler.peak(target.pgid)
                 self.sampler.forget(target.pgid)
@@ -328,6 +331,7 @@ class Bench:
                 result["errors"].append("only %d of %d at the sink after %.0fs"
                                         % (got, count, deadline - started))
                 result["e2e"] = None
+                self.settle(target)
             else:
                 result["e2e"] = count / (delivered_at - started)
         elif not ok:

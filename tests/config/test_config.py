@@ -160,6 +160,29 @@ def test_listener_inherits_and_overrides(tmp_path):
     assert mx.max_message_size == config.gateway.max_message_size
 
 
+def test_limits_across_sessions(tmp_path):
+    """Rates are COUNT/DURATION or empty; the exempt list keeps relay_ips as a word."""
+    from mailgate.config import RELAY_IPS, Rate
+
+    config = load(
+        tmp_path,
+        PLAIN
+        + "message_rate_per_ip = 5/30s\nlimit_exempt_ips = 192.0.2.0/24\n"
+        + "[limits]\nconnection_rate_per_ip =\nrecipient_rate_per_user = 1000 / 1d\n"
+        + "limit_exempt_ips = relay_ips, 10.0.0.0/8, RELAY_IPS\ngreet_delay = 3s\n",
+    )
+    assert config.limits.connection_rate_per_ip is None
+    assert config.limits.recipient_rate_per_user == Rate(1000, 86400.0)
+    assert config.limits.limit_exempt_ips == (RELAY_IPS, ipaddress.ip_network("10.0.0.0/8"))
+    assert config.limits.greet_delay == 3.0
+    mx = config.listeners[0].limits
+    assert mx.message_rate_per_ip == Rate(5, 30.0)
+    assert mx.limit_exempt_ips == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert mx.recipient_rate_per_user == Rate(1000, 86400.0)  # inherited
+    assert Limits().connection_rate_per_ip == Rate(60, 60.0)
+    assert str(Rate(60, 60.0)) == "60/1m"
+
+
 def test_listener_size_defaults_to_gateway(tmp_path):
     config = load(tmp_path, PLAIN.replace("[listener", "max_message_size = 10M\n\n[listener"))
     assert config.listeners[0].max_message_size == 10 * 1024 * 1024
@@ -370,6 +393,21 @@ BROKEN = [
     (
         "[limits]\nmax_auth_failures = three\n" + LISTENER,
         "FILE: [limits] max_auth_failures: expected an integer, got 'three'",
+    ),
+    (
+        "[limits]\nmessage_rate_per_ip = 60 per minute\n" + LISTENER,
+        "FILE: [limits] message_rate_per_ip: expected a rate like 60/1m (count per duration), or"
+        " empty for no limit, got '60 per minute'",
+    ),
+    (
+        "[limits]\nconnection_rate_per_ip = 0/1m\n" + LISTENER,
+        "FILE: [limits] connection_rate_per_ip: expected a rate like 60/1m (count per duration), or"
+        " empty for no limit, got '0/1m'",
+    ),
+    (
+        "[limits]\nlimit_exempt_ips = relay_ips, 10.0.0.1/8\n" + LISTENER,
+        "FILE: [limits] limit_exempt_ips: expected an address or network like 192.0.2.0/24 or"
+        " 2001:db8::/32, got '10.0.0.1/8' (host bits set: did you mean 10.0.0.0/8?)",
     ),
     (
         "[queue]\nbackend = redis\n" + LISTENER,

@@ -173,7 +173,8 @@ class GatewayService(service.MultiService):
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
                                   new_queue_id, auth=parts.auth, tls=parts.tls,
-                                  hooks=parts.chains[listener.name], events=self.events)
+                                  hooks=parts.chains[listener.name], events=self.events,
+                                  anvil=self._builder.anvil)
         if self._gate is not None:
             factory.gate = self._gate
         wrapped = factory

@@ -10,12 +10,16 @@ the old settings keep running.  Only then is it swapped in.  A listener keeps it
 works on a copy of its factory taken when it connects, an open session finishes under the
 settings it started with.  Listeners that appear are bound before anything else changes;
 listeners that go away stop listening, and their open sessions live on.
+
+A certificate renewed on disk needs no reload: mailgate.tls.CertificateWatch notices it and the
+gateway hands the new context to every listener (new sessions use it).
 """
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from mailgate import tls as mailtls
 from mailgate.errors import ConfigError
 from mailgate.queue import new_queue_id
 from mailgate.smtp.gate import Gate
@@ -47,6 +51,7 @@ class GatewayService(service.MultiService):
         self._gate = None
         self._reloading = defer.DeferredLock()
         self._reload_observers = []
+        self.certificate_watch = None
 
     def startService(self):
         # Listeners bind now (so a busy port is reported at once) but sessions wait for the
@@ -60,6 +65,29 @@ class GatewayService(service.MultiService):
                                 errbackArgs=(gate,))
         service.MultiService.startService(self)
         self._start_delivery()  # when recovery was over before the listeners were bound
+        self._watch_certificate()
+
+    def _watch_certificate(self):
+        """Follow the [tls] files while any listener uses TLS (after a reload too)."""
+        uses_tls = self._parts is not None and self._parts.tls is not None
+        if not uses_tls or not self.running:
+            if self.certificate_watch is not None:
+                self.certificate_watch.stop()
+                self.certificate_watch = None
+            return
+        if self.certificate_watch is None:
+            self.certificate_watch = mailtls.CertificateWatch(
+                self._builder.reactor, self.config.tls, self._certificate_renewed, self.config.path)
+            self.certificate_watch.start()
+        else:
+            self.certificate_watch.config_path = self.config.path
+            self.certificate_watch.watch(self.config.tls)
+
+    def _certificate_renewed(self, options):
+        self._parts.tls = options
+        self._builder.current_tls.options = options  # implicit-TLS listeners
+        for factory in self.factories:  # STARTTLS
+            factory.tls = options
 
     _queue_ready = False
 
@@ -78,6 +106,9 @@ class GatewayService(service.MultiService):
         self.delivery.startService()
 
     def stopService(self):
+        if self.certificate_watch is not None:
+            self.certificate_watch.stop()
+            self.certificate_watch = None
         if self.delivery is not None and self.delivery.running:
             self.delivery.stopService()
         return service.MultiService.stopService(self)
@@ -214,6 +245,7 @@ class GatewayService(service.MultiService):
                                       parts.signer)
         if self.admin is not None:
             self.admin.reconfigure(config)
+        self._watch_certificate()
         added = [listener.name for listener in plan.added]
         removed = [s.listener.name for s in plan.removed]
         listeners = {

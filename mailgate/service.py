@@ -153,7 +153,7 @@ def _check_users_file(config):
 def _prepare_spool_dir(config):
     path = config.queue.path
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ConfigError(config.path, "queue", "path", "cannot create %s: %s" % (path, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):

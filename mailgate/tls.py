@@ -24,6 +24,7 @@ from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersi
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailgate.config.types import private_file_problem
 from mailgate.errors import ConfigError
 
 log = Logger()
@@ -169,6 +170,9 @@ def load_chain(tls_config, config_path="<config>"):
 def load_key(tls_config, config_path="<config>"):
     """The private key (a cryptography object) in the key file."""
     path = tls_config.private_key
+    problem = private_file_problem(path) if path else None
+    if problem:
+        raise ConfigError(config_path, "tls", "private_key", problem)
     data = _read(path, config_path, "private_key")
     try:
         return serialization.load_pem_private_key(data, password=None)

@@ -11,7 +11,7 @@ from mailgate.config.schema import Key, _plain
 import ipaddress
 
 from mailgate.config.types import (RELAY_IPS, Bool, DomainList, Duration, ExemptList, Hostname,
-                                   Int, NameserverList, Rate, RateLimit, Size, _hostname)
+                                   Int, NameserverList, Rate, RateLimit, Size, Text, _hostname)
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -52,6 +52,8 @@ class GatewayConfig:
     hostname = attr.ib()
     accepted_domains = attr.ib(default=())  # tuple of lower-case str
     max_message_size = attr.ib(default=35 * 1024 * 1024)
+    user = attr.ib(default=None)  # drop to this user (name or uid) once the listeners are bound
+    group = attr.ib(default=None)  # and this group; None: the user's primary group
 
 
 @attr.s(frozen=True, slots=True)
@@ -88,6 +90,21 @@ GATEWAY_KEYS = {
         doc="The largest message accepted (announced with EHLO `SIZE`); the default for every "
         "listener's `max_message_size`.",
         example="50M",
+    ),
+    "user": Key(
+        Text(), "",
+        default_doc="not set: keep the user mailgate was started as",
+        doc="Started as root (to bind ports 25, 465 and 587), switch to this user (a name or a "
+        "number) once the listeners are bound.  The spool and log directories are handed to "
+        "it; the TLS key and the users file must stay readable by it or by `group` (0640).  "
+        "twistd's `--uid`/`--gid` do the same.",
+        example="mailgate",
+    ),
+    "group": Key(
+        Text(), "",
+        default_doc="the user's primary group",
+        doc="The group to switch to with `user` (a name or a number).",
+        example="mailgate",
     ),
 }
 
@@ -236,6 +253,12 @@ DNS_KEYS = {
     ),
 }
 
-GATEWAY = _plain("gateway", GatewayConfig, GATEWAY_KEYS)
+def _check_gateway(values):
+    if values["group"] is not None and values["user"] is None:
+        return "group", "set, but user is not (the group is what user switches to)"
+    return None
+
+
+GATEWAY = _plain("gateway", GatewayConfig, GATEWAY_KEYS, _check_gateway)
 LIMITS = _plain("limits", Limits, LIMITS_KEYS)
 DNS = _plain("dns", DNSConfig, DNS_KEYS)

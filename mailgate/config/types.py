@@ -537,6 +537,33 @@ def _file_problem(filename):
     return None
 
 
+def has_entries(filename):
+    """Does a users file hold any entry (a line that is neither blank nor a # comment)?"""
+    try:
+        with open(filename, "rb") as f:
+            text = f.read(1024 * 1024)
+    except OSError:
+        return True
+    return any(line.strip() and not line.strip().startswith(b"#") for line in text.splitlines())
+
+
+def private_file_problem(filename, holds_secret=None):
+    """
+    None if filename (a readable file holding a secret) can be read by its owner and group only,
+    else what is wrong: a private key or password hashes must not be readable by everyone.
+    holds_secret(filename), when given, says whether there is a secret in it at all (a users file
+    with no users, like the repository's example, may be anyone's).
+    """
+    try:
+        mode = os.stat(filename).st_mode
+    except OSError:
+        return None  # _file_problem says what is wrong with it
+    if mode & (stat.S_IROTH | stat.S_IWOTH) and (holds_secret is None or holds_secret(filename)):
+        return ("%s can be read or written by anyone (mode %04o): allow its owner and group only "
+                "(chmod o-rwx %s)" % (filename, stat.S_IMODE(mode), filename))
+    return None
+
+
 @attr.s(frozen=True)
 class SecretFile:
     """

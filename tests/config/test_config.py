@@ -1539,3 +1539,45 @@ def test_config_file_precedence(monkeypatch):
     monkeypatch.setenv("MAILGATE_CONFIG", "/srv/env.ini")
     assert config_file() == "/srv/env.ini"
     assert config_file("given.ini") == "given.ini"
+
+
+# --- secrets readable by anyone (issue 9) ---------------------------------------------------------
+
+
+def test_secret_files_readable_by_others_are_refused(tmp_path):
+    """The TLS key, the DKIM key and a users file with users: owner and group only."""
+    from mailgate.smtp.auth import hash_password
+
+    users = tmp_path / "users"
+    users.write_text("# no users yet: anyone may read this\n")
+    users.chmod(0o644)
+    text = PLAIN.replace("auth = none", "auth = optional").replace("tls = none", "tls = optional")
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    text += "[auth]\nusers_file = users\n[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
+    load(tmp_path, text)  # no secret in the users file yet; the key is 0640 (the tests' umask)
+    users.write_text("alice:%s\n" % hash_password("x"))
+    message = "%s can be read or written by anyone (mode %s): allow its owner and group only (chmod o-rwx %s)"
+    assert error(tmp_path, text) == "FILE: [auth] users_file: " + message % (users, "0644", users)
+    users.chmod(0o640)
+    (tmp_path / "k.pem").chmod(0o604)
+    key = tmp_path / "k.pem"
+    assert error(tmp_path, text) == "FILE: [tls] private_key: " + message % (key, "0604", key)
+    key.chmod(0o602)
+    assert error(tmp_path, text) == "FILE: [tls] private_key: " + message % (key, "0602", key)
+    key.chmod(0o600)
+    dkim = tmp_path / "dkim.key"
+    dkim.write_text("x")
+    dkim.chmod(0o644)
+    dkim_text = text + "[dkim]\nsign_domains = example.com\nselector = s1\nprivate_key = dkim.key\n"
+    assert error(tmp_path, dkim_text) == "FILE: [dkim] private_key: " + message % (dkim, "0644", dkim)
+
+
+def test_passwd_takes_away_what_others_could_read(tmp_path):
+    from mailgate.smtp.auth import set_user
+
+    users = tmp_path / "users"
+    users.write_text("# from a repository checkout\n")
+    users.chmod(0o664)
+    set_user(str(users), "alice@example.com", "secret")
+    assert users.stat().st_mode & 0o777 == 0o660

@@ -634,7 +634,11 @@ class SMTPServer(smtp.ESMTP):
         self._reply(replies.queued(outcome.queue_id))
 
     def _queue_failed(self, failure, envelope):
-        log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
+        if failure.check(OSError):  # a full disk, an I/O error: the queue logged it, one line
+            log.warn("message {queue_id} not queued ({error}): 451", queue_id=envelope.queue_id,
+                     error=failure.getErrorMessage())
+        else:
+            log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
         self._error(TEMP_FAIL)
 
     def _after_message(self, result):

@@ -9,7 +9,7 @@ is off costs the protocol one attribute check: the server asks `guard.at_mail`, 
 the protocol answers it and reports it as a REJECT tracking event naming the limit, which
 mailgate.ops.metrics counts in mailgate_limit_refusals_total{limit}.
 
-Replies (as Postfix words them where it has them):
+The replies (mailgate.smtp.replies, as Postfix words them where it has them):
   connections  421 4.7.0 <hostname> Too many connections, then close
   conn. rate   421 4.7.0 <hostname> Too many connections from <ip>, try again later, then close
   MAIL rate    450 4.7.1 Too much mail from <who>, try again later
@@ -21,34 +21,9 @@ Replies (as Postfix words them where it has them):
 """
 
 from mailgate.config import RELAY_IPS
-from mailgate.envelope import Reply
-from mailgate.smtp import policy
+from mailgate.smtp import policy, replies
 
 DATA_RATE_INTERVAL = 10.0  # seconds between checks of min_data_rate during DATA
-
-AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed authentications, try later")
-PROTOCOL_ERROR = Reply(554, "5.5.0", "Protocol error")
-TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop)")
-
-
-def too_many_connections(hostname):
-    return Reply(421, "4.7.0", "%s Too many connections" % (hostname,))
-
-
-def connection_rate(hostname, ip):
-    return Reply(421, "4.7.0", "%s Too many connections from %s, try again later" % (hostname, ip))
-
-
-def message_rate(who):
-    return Reply(450, "4.7.1", "Too much mail from %s, try again later" % (who,))
-
-
-def recipient_rate(who):
-    return Reply(450, "4.7.1", "Too many recipients from %s, try again later" % (who,))
-
-
-def data_too_slow(hostname):
-    return Reply(421, "4.4.2", "%s Error: data rate below the minimum" % (hostname,))
 
 
 def is_exempt(listener, ip):
@@ -102,8 +77,8 @@ class Guard:
             self.counted = True
             return None
         if limit == "connection_rate_per_ip":
-            return limit, connection_rate(self.hostname, self.ip)
-        return limit, too_many_connections(self.hostname)
+            return limit, replies.connection_rate(self.hostname, self.ip)
+        return limit, replies.too_many_connections(self.hostname)
 
     def disconnect(self):
         if self.counted:
@@ -117,24 +92,18 @@ class Guard:
 
     def mail(self, user):
         """One message from this client (user: the authenticated name or None)."""
-        limits = self.limits
-        if self._per_ip(user) and not self.anvil.take(
-                "message_rate_per_ip", self.ip, limits.message_rate_per_ip):
-            return "message_rate_per_ip", message_rate(self.ip)
-        if user is not None and not self.anvil.take(
-                "message_rate_per_user", user, limits.message_rate_per_user):
-            return "message_rate_per_user", message_rate(user)
-        return None
+        return self._rates("message", user, replies.message_rate)
 
     def rcpt(self, user):
         """One recipient from this client, accepted or not."""
-        limits = self.limits
-        if self._per_ip(user) and not self.anvil.take(
-                "recipient_rate_per_ip", self.ip, limits.recipient_rate_per_ip):
-            return "recipient_rate_per_ip", recipient_rate(self.ip)
-        if user is not None and not self.anvil.take(
-                "recipient_rate_per_user", user, limits.recipient_rate_per_user):
-            return "recipient_rate_per_user", recipient_rate(user)
+        return self._rates("recipient", user, replies.recipient_rate)
+
+    def _rates(self, what, user, reply):
+        """Spend one of what's (message, recipient) tokens per address and per user."""
+        for name, who in (("%s_rate_per_ip" % what, self.ip if self._per_ip(user) else None),
+                          ("%s_rate_per_user" % what, user)):
+            if who is not None and not self.anvil.take(name, who, getattr(self.limits, name)):
+                return name, reply(who)
         return None
 
     # -- AUTH ----------------------------------------------------------------------------------
@@ -142,7 +111,7 @@ class Guard:
     def auth_blocked(self, username=None):
         """(limit, 454) when this address (or username, when given) failed too often."""
         limit = self.anvil.auth_blocked(self.ip, username, self.limits)
-        return None if limit is None else (limit, AUTH_BLOCKED)
+        return None if limit is None else (limit, replies.AUTH_BLOCKED)
 
     def auth_failed(self, username):
         if self.at_auth:
@@ -153,11 +122,11 @@ class Guard:
     def hops(self, message):
         """(limit, 554 5.4.6) for a message with too many Received: headers, else None."""
         if too_many_received(message, self.max_received_headers):
-            return "max_received_headers", TOO_MANY_HOPS
+            return "max_received_headers", replies.TOO_MANY_HOPS
         return None
 
     def data_rate(self, received, elapsed):
         """(limit, 421 4.4.2) when received bytes in elapsed seconds are below min_data_rate."""
         if elapsed > 0 and received < self.min_data_rate * elapsed:
-            return "min_data_rate", data_too_slow(self.hostname)
+            return "min_data_rate", replies.data_too_slow(self.hostname)
         return None

@@ -170,8 +170,9 @@ class SMTPServer(smtp.ESMTP):
     def _early_talker(self):
         log.info("{client} on {listener} talked before the banner",
                  client=self.client_ip, listener=self.listener.name)
-        self._track("REJECT", stage="CONNECT", reply=str(limits.PROTOCOL_ERROR), limit="early_talker")
-        self._close(limits.PROTOCOL_ERROR)
+        self._track("REJECT", stage="CONNECT", reply=str(replies.PROTOCOL_ERROR),
+                    limit="early_talker")
+        self._close(replies.PROTOCOL_ERROR)
 
     def connectionLost(self, reason=protocol.connectionDone):
         if self.guard is not None:

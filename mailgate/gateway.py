@@ -10,12 +10,16 @@ the old settings keep running.  Only then is it swapped in.  A listener keeps it
 works on a copy of its factory taken when it connects, an open session finishes under the
 settings it started with.  Listeners that appear are bound before anything else changes;
 listeners that go away stop listening, and their open sessions live on.
+
+A certificate renewed on disk needs no reload: mailgate.tls.CertificateWatch notices it and the
+gateway hands the new context to every listener (new sessions use it).
 """
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailgate import tls as mailtls
 from mailgate.errors import ConfigError
 from mailgate.queue import new_queue_id
 from mailgate.smtp.gate import Gate
@@ -62,6 +66,12 @@ class GatewayService(service.MultiService):
         self._gate = None
         self._reloading = defer.DeferredLock()
         self._reload_observers = []
+        self.certificate_watch = None
+
+    def privilegedStartService(self):
+        service.MultiService.privilegedStartService(self)  # the listeners bind
+        if self.receivers is not None:
+            self.receivers.prestart()  # while we may still be root: see ReceiverPool.prestart
 
     def startService(self):
         # Listeners bind now (so a busy port is reported at once) but sessions wait for the
@@ -76,12 +86,37 @@ class GatewayService(service.MultiService):
         service.MultiService.startService(self)
         self._start_delivery()  # when recovery was over before the listeners were bound
         self._start_receivers()
+        self._watch_certificate()
+
+    def _watch_certificate(self):
+        """Follow the [tls] files while any listener uses TLS (after a reload too)."""
+        uses_tls = self._parts is not None and self._parts.tls is not None
+        if not uses_tls or not self.running:
+            if self.certificate_watch is not None:
+                self.certificate_watch.stop()
+                self.certificate_watch = None
+            return
+        if self.certificate_watch is None:
+            self.certificate_watch = mailtls.CertificateWatch(
+                self._builder.reactor, self.config.tls, self._certificate_renewed, self.config.path)
+            self.certificate_watch.start()
+        else:
+            self.certificate_watch.config_path = self.config.path
+            self.certificate_watch.watch(self.config.tls)
+
+    def _certificate_renewed(self, options):
+        self._parts.tls = options
+        self._builder.current_tls.options = options  # implicit-TLS listeners
+        for factory in self.factories:  # STARTTLS
+            factory.tls = options
 
     _queue_ready = False
 
     def _recovered(self, removed, gate):
-        if self.recover:
+        if self.recover and self.receivers is None:
             log.info("queue ready")
+        elif self.recover:
+            log.info("queue recovered; starting the receiver processes")
         self._queue_ready = True
         gate.open()
         self._start_delivery()
@@ -106,6 +141,9 @@ class GatewayService(service.MultiService):
         receivers = None
         if self.receivers is not None and self.receivers.running:
             receivers = self.receivers.stopService()  # they stop accepting at once
+        if self.certificate_watch is not None:
+            self.certificate_watch.stop()
+            self.certificate_watch = None
         if self.delivery is not None and self.delivery.running:
             self.delivery.stopService()
         stopped = service.MultiService.stopService(self)
@@ -223,7 +261,8 @@ class GatewayService(service.MultiService):
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
                                   new_queue_id, auth=parts.auth, tls=parts.tls,
-                                  hooks=parts.chains[listener.name], events=self.events)
+                                  hooks=parts.chains[listener.name], events=self.events,
+                                  anvil=self._builder.anvil)
         if self._gate is not None:
             factory.gate = self._gate
         wrapped = factory
@@ -270,6 +309,7 @@ class GatewayService(service.MultiService):
                                       parts.signer)
         if self.admin is not None:
             self.admin.reconfigure(config)
+        self._watch_certificate()
         added = [listener.name for listener in plan.added]
         removed = [s.listener.name for s in plan.removed]
         listeners = {

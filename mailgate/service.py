@@ -19,6 +19,7 @@ from mailgate.errors import ConfigError
 from mailgate.events import EventBus
 from mailgate.gateway import GatewayService
 from mailgate.queue import Spool, new_queue_id
+from mailgate.smtp.anvil import Anvil
 from mailgate.smtp.listener import CurrentTLS
 
 log = Logger()
@@ -58,6 +59,8 @@ class _Builder:
         self.deliverer = deliverer
         self.local_addresses = set()
         self.current_tls = CurrentTLS()
+        # The counters across sessions, shared by every listener and kept across reloads.
+        self.anvil = Anvil(reactor)
 
     def prepare(self, config, previous=None):
         from mailgate.filters import FilterContext, build_chain
@@ -148,7 +151,7 @@ def _check_users_file(config):
 def _prepare_spool_dir(config):
     path = config.queue.path
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ConfigError(config.path, "queue", "path", "cannot create %s: %s" % (path, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):

@@ -15,7 +15,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgate import Gateway
+from mailgate import Gateway, privileges
 from mailgate.errors import ConfigError
 
 
@@ -37,11 +37,19 @@ def _fail(error):
 
 
 class _Guarded(service.MultiService):
-    """Turns a ConfigError raised while starting (a busy port) into one line and exit 1."""
+    """
+    Turns a ConfigError raised while starting (a busy port, a user that does not exist) into one
+    line and exit 1.  The listeners bind in privilegedStartService; then root is dropped for
+    [gateway] user and group (mailgate.privileges), before any session or file is made.
+    """
+
+    config = None
 
     def privilegedStartService(self):
         try:
             service.MultiService.privilegedStartService(self)
+            if self.config is not None:
+                privileges.drop(self.config)
         except ConfigError as e:
             _fail(e)
 
@@ -96,6 +104,7 @@ def makeService(options):
     except ConfigError as e:
         _fail(e)
     top = _Guarded()
+    top.config = gateway.config
     gateway.setServiceParent(top)
     _ReloadOnHangup(gateway, reactor).setServiceParent(top)
     return top

@@ -3,7 +3,13 @@ TLS for the listeners: load (or, for testing, generate) the certificate and buil
 context with a modern policy, so every listener speaks the same TLS.
 
 Policy: TLS 1.2 or newer (or 1.3 only), and for TLS 1.2 only ECDHE key exchange with AEAD ciphers
-(AES-GCM, ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.  The server picks the cipher.
+(AES-GCM, ChaCha20-Poly1305); TLS 1.3 suites are all AEAD.  The server picks the cipher; no
+compression, no renegotiation.  Delivery uses the same versions and ciphers (policy_options()).
+
+CertificateWatch picks up a certificate or key renewed on disk (certbot, acme.sh) without a
+SIGHUP: it looks every WATCH_INTERVAL seconds, loads a change once it has stayed the same for one
+look (so a half-written pair is not tried), and hands the new context on; a broken file is logged
+in one line and the old certificate stays in use.
 """
 
 import datetime
@@ -15,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mailgate.config.types import private_file_problem
 from mailgate.errors import ConfigError
 
 log = Logger()
@@ -24,6 +32,22 @@ log = Logger()
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 MIN_VERSIONS = {"TLSv1.2": TLSVersion.TLSv1_2, "TLSv1.3": TLSVersion.TLSv1_3}
 EXPIRY_WARNING = datetime.timedelta(days=30)
+WATCH_INTERVAL = 20.0  # seconds between looks at the certificate files: a change is live in < 1m
+
+
+def policy_options(min_version="TLSv1.2"):
+    """The CertificateOptions arguments of our TLS policy (versions, ciphers), in and out."""
+    return dict(raiseMinimumTo=MIN_VERSIONS[min_version],
+                acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS))
+
+
+def harden(context):
+    """
+    Options CertificateOptions leaves out: no renegotiation at all (client-initiated DoS).
+    context: an SSL.Context not used yet, or an SSL.Connection.
+    """
+    context.set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0x40000000))
+    return context
 
 
 def _now():
@@ -146,6 +170,9 @@ def load_chain(tls_config, config_path="<config>"):
 def load_key(tls_config, config_path="<config>"):
     """The private key (a cryptography object) in the key file."""
     path = tls_config.private_key
+    problem = private_file_problem(path) if path else None
+    if problem:
+        raise ConfigError(config_path, "tls", "private_key", problem)
     data = _read(path, config_path, "private_key")
     try:
         return serialization.load_pem_private_key(data, password=None)
@@ -204,7 +231,7 @@ def _options(key, chain, min_version):
             raiseMinimumTo=min_version,
             acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         )
-        options.getContext()
+        harden(options.getContext())  # the context is cached: every connection gets it
         return options
 
     try:
@@ -348,3 +375,69 @@ def tls_session_info(transport):
     if not isinstance(version, str) or not isinstance(cipher, str):
         return None, None
     return version, cipher
+
+
+# --- renewed files -----------------------------------------------------------------------------
+
+
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ("missing", e.errno)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+
+
+class CertificateWatch:
+    """
+    Watches tls_config's certificate and private key on clock; on_new(options) gets the
+    CertificateOptions of a good new pair.  start() / stop(); check() is one look.
+    """
+
+    def __init__(self, clock, tls_config, on_new, config_path="<config>", interval=WATCH_INTERVAL):
+        self.clock = clock
+        self.on_new = on_new
+        self.config_path = config_path
+        self.interval = interval
+        self._loop = None
+        self.watch(tls_config)
+
+    def watch(self, tls_config):
+        """Watch these files from now on (a reload may name others); what is there is current."""
+        self.tls_config = tls_config
+        self._loaded = self._stamps()
+        self._seen = self._loaded  # what the last look saw
+        self._failed = None  # the stamps of a pair that did not load (reported once)
+
+    def _stamps(self):
+        return (_stamp(self.tls_config.certificate), _stamp(self.tls_config.private_key))
+
+    def start(self):
+        if self._loop is None:
+            self._loop = LoopingCall(self.check)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False)
+
+    def stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def check(self):
+        """One look: returns True when a new certificate was taken into use."""
+        stamps = self._stamps()
+        previous, self._seen = self._seen, stamps
+        if stamps == self._loaded or stamps != previous or stamps == self._failed:
+            return False  # unchanged, still changing, or already found broken
+        try:
+            options = server_context_factory(self.tls_config, self.config_path)
+        except ConfigError as e:
+            self._failed = stamps
+            log.error("renewed certificate not used: {error}; the old certificate stays in use",
+                      error=str(e))
+            return False
+        self._loaded, self._failed = stamps, None
+        self.on_new(options)
+        log.info("certificate {certificate} renewed on disk: new sessions use it",
+                 certificate=self.tls_config.certificate)
+        return True

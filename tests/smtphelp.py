@@ -209,4 +209,12 @@ class Session:
         import base64
 
         token = base64.b64encode(("\0%s\0%s" % (user, password)).encode()).decode()
-        return self.cmd("AUTH PLAIN " + token)
+        return self.cmd_waiting("AUTH PLAIN " + token)
+
+    def cmd_waiting(self, line):
+        """cmd(), and when the answer is held back (a failed AUTH's delay), wait for it."""
+        out = self.cmd(line)
+        if not out and not self.closed:
+            self.clock.advance(self.proto.limits.auth_failure_delay)
+            out = self.read()
+        return out

@@ -323,6 +323,49 @@ class ReloadTests(unittest.TestCase):
         new, _ = session(plain)
         self.assertIsNot(new.factory.tls, old_options)
 
+    def test_a_certificate_renewed_on_disk_is_used_within_a_minute_without_sighup(self):
+        self.successResultOf(self.reload(config_text(listeners=(("relay", 2525, "optional", 5),
+                                                                ("smtps", 2465, "implicit", 5)))))
+        loaded = self.handshake(2465)
+        plain = self.reactor.factory_on(2525)
+        before = session(plain)[0].factory.tls
+        renewed = self.issue()  # certbot's renewal: new files at the same paths
+        self.reactor.advance(20)  # seen changing: not loaded yet (the pair may be half written)
+        self.assertEqual(self.handshake(2465), loaded)
+        self.reactor.advance(20)
+        self.assertEqual(self.handshake(2465), renewed)
+        self.assertIsNot(session(plain)[0].factory.tls, before)  # STARTTLS gets it too
+        self.assertEqual(self.messages("error"), [])
+        self.assertIn("certificate %s renewed on disk: new sessions use it"
+                      % os.path.join(self.root, "server.pem"), self.messages("info"))
+
+    def test_a_broken_renewed_file_is_logged_once_and_the_old_certificate_stays(self):
+        self.successResultOf(self.reload(config_text(listeners=(("smtps", 2465, "implicit", 5),))))
+        loaded = self.handshake(2465)
+        key = os.path.join(self.root, "server.key")
+        with open(key, "w") as f:
+            f.write("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        for _ in range(6):
+            self.reactor.advance(20)
+        [error] = self.messages("error")
+        self.assertTrue(error.startswith("renewed certificate not used: %s: [tls] private_key: "
+                                         "cannot load the private key in %s" % (self.path, key)), error)
+        self.assertTrue(error.endswith("; the old certificate stays in use"), error)
+        self.assertNotIn("\n", error)
+        self.assertEqual(self.handshake(2465), loaded)
+        renewed = self.issue()  # fixed
+        self.reactor.advance(20)
+        self.reactor.advance(20)
+        self.assertEqual(self.handshake(2465), renewed)
+
+    def test_the_watch_stops_with_the_gateway(self):
+        watch = self.gateway.certificate_watch
+        self.assertIsNotNone(watch)
+        self.gateway.stopService()
+        self.assertIsNone(self.gateway.certificate_watch)
+        self.assertFalse(self.reactor.getDelayedCalls() and any(
+            getattr(c.func, "__self__", None) is watch._loop for c in self.reactor.getDelayedCalls()))
+
     def handshake(self, port):
         """The serial number of the certificate a new TLS client gets on port."""
         server = self.reactor.factory_on(port).buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))

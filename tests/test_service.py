@@ -103,10 +103,16 @@ class BuildServiceTests(unittest.TestCase):
         proto = factory.buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
         proto.makeConnection(transport)
-        proto.dataReceived(b"EHLO early.example\r\n")
         self.assertEqual(transport.value(), b"")
+        # A client that does not wait for the banner is an early talker (issue 9): refused.
+        early = factory.buildProtocol(None)
+        early_transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 1234))
+        early.makeConnection(early_transport)
+        early.dataReceived(b"EHLO early.example\r\n")
+        self.assertEqual(early_transport.value(), b"554 5.5.0 Protocol error\r\n")
         runner.run_all()  # recovery runs
-        self.assertEqual(transport.value().split(b"\r\n")[0], b"220 mx.example.net ESMTP")
+        self.assertEqual(transport.value(), b"220 mx.example.net ESMTP\r\n")
+        proto.dataReceived(b"EHLO patient.example\r\n")
         self.assertIn(b"250-mx.example.net", transport.value())
 
     def test_failed_recovery_refuses_sessions_with_421(self):

@@ -306,6 +306,46 @@ class HandshakeTests(TestCase):
         self.assertEqual(version, "TLSv1.3")
 
 
+class ContextOptionTests(SynchronousTestCase):
+    """What the handshake tests cannot show: no compression, no renegotiation, server order."""
+
+    def options(self, context):
+        return context.set_options(0)  # pyOpenSSL answers with the options now set
+
+    def test_server_context(self):
+        from OpenSSL import SSL
+
+        ca = make_ca(self.mktemp())
+        cert, key = ca.issue(HOST, self.mktemp())
+        context = tls.server_context_factory(TLSConfig(certificate=cert, private_key=key)).getContext()
+        options = self.options(context)
+        for flag in (SSL.OP_NO_COMPRESSION, SSL.OP_CIPHER_SERVER_PREFERENCE, SSL.OP_NO_TLSv1,
+                     SSL.OP_NO_TLSv1_1, SSL.OP_NO_SSLv3, SSL.OP_NO_RENEGOTIATION):
+            self.assertTrue(options & flag, hex(flag))
+
+    def test_delivery_contexts_use_the_same_policy(self):
+        from OpenSSL import SSL
+
+        from mailgate.delivery.tls import ClientTLS
+        from mailgate.envelope import Hop
+
+        client = ClientTLS(TLSConfig(min_version="TLSv1.3"))
+        hop = Hop(name="mx.example.com", address="192.0.2.1", port=25)
+        context = client.context("opportunistic", hop)._options.getContext()
+        options = self.options(context)
+        for flag in (SSL.OP_NO_TLSv1_2, SSL.OP_NO_TLSv1_1, SSL.OP_NO_RENEGOTIATION,
+                     SSL.OP_NO_COMPRESSION):
+            self.assertTrue(options & flag, hex(flag))
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.internet import protocol as _protocol
+
+        verified = client.context("verify", hop)
+        factory = TLSMemoryBIOFactory(verified, True, _protocol.ClientFactory.forProtocol(_protocol.Protocol))
+        connection = verified.clientConnectionForTLS(factory.buildProtocol(None))
+        self.assertTrue(self.options(connection) & SSL.OP_NO_RENEGOTIATION)
+        self.assertTrue(self.options(connection) & SSL.OP_NO_TLSv1_2)
+
+
 class SessionInfoTests(SynchronousTestCase):
     def test_not_tls(self):
         class Plain:

@@ -44,11 +44,12 @@ from mailgate.config.queue import QUEUE_KEYS, QueueConfig
 from mailgate.config.render import HIDDEN, SECRET_KEYS, SECRET_OPTION_WORDS, render_config
 from mailgate.config.schema import REQUIRED, Key, Section
 from mailgate.config.sections import SECTIONS, Config
-from mailgate.config.types import (BUILTIN_FILTERS, Bool, Choice, Command, DomainList, Duration,
-                                   DurationList, Endpoint, ExtensionList, FilterList, HeaderList,
-                                   HostList, Hostname, Int, Label, MimeTypeList, NameserverList,
-                                   NetworkList, OptionalEndpoint, Path, Port, Ratio, RouteDomains,
-                                   SecretFile, Size, Text)
+from mailgate.config.types import (BUILTIN_FILTERS, RELAY_IPS, Bool, Choice, Command,
+                                   DomainList, Duration, DurationList, Endpoint, ExemptList,
+                                   ExtensionList, FilterList, HeaderList, HostList, Hostname, Int,
+                                   Label, MimeTypeList, NameserverList, NetworkList,
+                                   OptionalEndpoint, Path, Port, Rate, RateLimit, Ratio,
+                                   RouteDomains, SecretFile, Size, Text)
 
 __all__ = [
     # The values other modules use.
@@ -69,5 +70,5 @@ __all__ = [
     "Int", "Size", "Duration", "Bool", "Choice", "Hostname", "DomainList", "NetworkList", "Path",
     "Endpoint", "OptionalEndpoint", "Port", "NameserverList", "HostList", "DurationList",
     "RouteDomains", "Label", "HeaderList", "Text", "SecretFile", "FilterList", "ExtensionList",
-    "MimeTypeList", "Ratio", "Command",
+    "MimeTypeList", "Ratio", "Command", "RateLimit", "ExemptList", "Rate", "RELAY_IPS",
 ]

@@ -8,17 +8,44 @@ import socket
 import attr
 
 from mailgate.config.schema import Key, _plain
-from mailgate.config.types import (DomainList, Duration, Hostname, Int, NameserverList,
-                                   ProcessCount, Size, _hostname)
+import ipaddress
+
+from mailgate.config.types import (RELAY_IPS, Bool, DomainList, Duration, ExemptList, Hostname,
+                                   Int, NameserverList, ProcessCount, Rate, RateLimit, Size, Text,
+                                   _hostname)
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @attr.s(frozen=True, slots=True)
 class Limits:
+    """
+    A listener's limits: per session (the first five) and across sessions (counted by
+    mailgate.smtp.anvil; rates are config.types.Rate or None for no limit; 0 turns a count off).
+    """
+
     max_auth_failures = attr.ib(default=3)
     max_errors = attr.ib(default=10)
     command_timeout = attr.ib(default=300.0)
     data_timeout = attr.ib(default=600.0)
     session_timeout = attr.ib(default=1800.0)
+    max_connections = attr.ib(default=1000)
+    max_connections_per_ip = attr.ib(default=20)
+    connection_rate_per_ip = attr.ib(default=Rate(60, 60.0))
+    message_rate_per_ip = attr.ib(default=None)
+    recipient_rate_per_ip = attr.ib(default=None)
+    message_rate_per_user = attr.ib(default=None)
+    recipient_rate_per_user = attr.ib(default=None)
+    limit_exempt_ips = attr.ib(default=(RELAY_IPS,) + _LOOPBACK)
+    limit_exempt_authenticated = attr.ib(default=False)
+    max_auth_failures_per_ip = attr.ib(default=10)
+    max_auth_failures_per_user = attr.ib(default=20)
+    auth_failure_window = attr.ib(default=600.0)
+    auth_failure_delay = attr.ib(default=1.0)
+    greet_delay = attr.ib(default=0.0)
+    max_received_headers = attr.ib(default=50)
+    min_data_rate = attr.ib(default=0)
 
 
 @attr.s(frozen=True, slots=True)
@@ -27,6 +54,8 @@ class GatewayConfig:
     accepted_domains = attr.ib(default=())  # tuple of lower-case str
     max_message_size = attr.ib(default=35 * 1024 * 1024)
     workers = attr.ib(default=0)  # 0: auto
+    user = attr.ib(default=None)  # drop to this user (name or uid) once the listeners are bound
+    group = attr.ib(default=None)  # and this group; None: the user's primary group
 
 
 @attr.s(frozen=True, slots=True)
@@ -74,6 +103,21 @@ GATEWAY_KEYS = {
         "(`Gateway.from_config`) is always one process.",
         example="4",
     ),
+    "user": Key(
+        Text(), "",
+        default_doc="not set: keep the user mailgate was started as",
+        doc="Started as root (to bind ports 25, 465 and 587), switch to this user (a name or a "
+        "number) once the listeners are bound.  The spool and log directories are handed to "
+        "it; the TLS key and the users file must stay readable by it or by `group` (0640).  "
+        "twistd's `--uid`/`--gid` do the same.",
+        example="mailgate",
+    ),
+    "group": Key(
+        Text(), "",
+        default_doc="the user's primary group",
+        doc="The group to switch to with `user` (a name or a number).",
+        example="mailgate",
+    ),
 }
 
 LIMITS_KEYS = {
@@ -100,6 +144,108 @@ LIMITS_KEYS = {
         "clients that trickle bytes to hold connections (slowloris).",
         example="1h",
     ),
+    # Across sessions: counted in memory on each node (mailgate.smtp.anvil).
+    "max_connections": Key(
+        Int(0), "1000",
+        doc="Open connections of the whole gateway (all listeners together) above which a new "
+        "one on this listener gets `421 4.7.0 <hostname> Too many connections`; `0` for no "
+        "limit.  A listener may set a higher value to stay reachable when another is flooded.",
+        example="5000",
+    ),
+    "max_connections_per_ip": Key(
+        Int(0), "20",
+        doc="Open connections from one client address (an IPv6 client: its /64) at most; more "
+        "get `421 4.7.0 <hostname> Too many connections`.  `0` for no limit.",
+        example="50",
+    ),
+    "connection_rate_per_ip": Key(
+        RateLimit(), "60/1m",
+        doc="New connections from one address (IPv6: /64) per time (a token bucket: the count "
+        "at once, then refilled evenly); over it `421 4.7.0`.",
+        example="300/1m",
+    ),
+    "message_rate_per_ip": Key(
+        RateLimit(), "",
+        doc="Messages (MAIL commands) from one address (IPv6: /64) per time; over it MAIL gets "
+        "`450 4.7.1`.",
+        example="100/1h",
+    ),
+    "recipient_rate_per_ip": Key(
+        RateLimit(), "",
+        doc="Recipients (RCPT commands, accepted or not) from one address (IPv6: /64) per time; "
+        "over it RCPT gets `450 4.7.1`.",
+        example="1000/1h",
+    ),
+    "message_rate_per_user": Key(
+        RateLimit(), "",
+        doc="Messages per authenticated user (from any address) per time; over it `450 4.7.1`.",
+        example="200/1h",
+    ),
+    "recipient_rate_per_user": Key(
+        RateLimit(), "",
+        doc="Recipients per authenticated user (from any address) per time; over it "
+        "`450 4.7.1`.",
+        example="2000/1d",
+    ),
+    "limit_exempt_ips": Key(
+        ExemptList(), "relay_ips, 127.0.0.0/8, ::1",
+        doc="Clients none of the limits across sessions apply to (connections and rates per "
+        "address, failed-login counts, `greet_delay`) except `max_connections`.  The word "
+        "`relay_ips` stands for the listener's `relay_ips` (your Exchange servers); empty: "
+        "nobody is exempt.",
+        example="relay_ips, 10.0.0.0/8",
+    ),
+    "limit_exempt_authenticated": Key(
+        Bool(), "no",
+        doc="`yes`: authenticated sessions are not counted by `message_rate_per_ip` and "
+        "`recipient_rate_per_ip` (many users behind one NAT address); the per-user rates still "
+        "apply.",
+        example="yes",
+    ),
+    "max_auth_failures_per_ip": Key(
+        Int(0), "10",
+        doc="Failed AUTH attempts from one address (IPv6: /64), in all its sessions, within "
+        "`auth_failure_window`; past it AUTH gets `454 4.7.0 Too many failed authentications, "
+        "try later` without the password being checked, until the window has passed.  `0` for "
+        "no limit.",
+        example="5",
+    ),
+    "max_auth_failures_per_user": Key(
+        Int(0), "20",
+        doc="Failed AUTH attempts for one username from all addresses within "
+        "`auth_failure_window` (credential stuffing); past it AUTH for that name gets `454 "
+        "4.7.0`.  `0` for no limit.",
+        example="50",
+    ),
+    "auth_failure_window": Key(
+        Duration(), "10m", doc="The window the failed AUTH attempts are counted in.",
+        example="1h",
+    ),
+    "auth_failure_delay": Key(
+        Duration(positive=False), "1s",
+        doc="How long after a failed AUTH began its `535` reply is sent (this session only "
+        "waits); unknown users and wrong passwords take the same time.",
+        example="3s",
+    ),
+    "greet_delay": Key(
+        Duration(positive=False), "0",
+        doc="Wait this long before the banner (Postfix's postscreen uses a few seconds): a "
+        "client that talks before the banner gets `554 5.5.0 Protocol error` and is closed.  "
+        "Clients in `limit_exempt_ips` are greeted at once.",
+        example="3s",
+    ),
+    "max_received_headers": Key(
+        Int(1), "50",
+        doc="A message with more `Received:` headers than this is refused with `554 5.4.6 Too "
+        "many hops (mail loop)`.",
+        example="30",
+    ),
+    "min_data_rate": Key(
+        Int(0), "0",
+        doc="The slowest DATA a client may send, in bytes per second (checked every 10 seconds "
+        "of DATA); slower: `421 4.4.2` and the connection is closed.  `0`: off.",
+        example="100",
+    ),
 }
 
 DNS_KEYS = {
@@ -119,6 +265,12 @@ DNS_KEYS = {
     ),
 }
 
-GATEWAY = _plain("gateway", GatewayConfig, GATEWAY_KEYS)
+def _check_gateway(values):
+    if values["group"] is not None and values["user"] is None:
+        return "group", "set, but user is not (the group is what user switches to)"
+    return None
+
+
+GATEWAY = _plain("gateway", GatewayConfig, GATEWAY_KEYS, _check_gateway)
 LIMITS = _plain("limits", Limits, LIMITS_KEYS)
 DNS = _plain("dns", DNSConfig, DNS_KEYS)

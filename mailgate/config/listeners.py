@@ -191,7 +191,7 @@ def _build_listener(name, values):
 
 def _flatten_listener(listener):
     values = attr.asdict(listener, recurse=False)
-    values.update(attr.asdict(values.pop("limits")))
+    values.update(attr.asdict(values.pop("limits"), recurse=False))
     return values.pop("name"), values
 
 

@@ -11,7 +11,8 @@ import re
 
 from mailgate.config.schema import REQUIRED
 from mailgate.config.sections import SECTIONS, Config
-from mailgate.config.types import BUILTIN_FILTERS, _file_problem
+from mailgate.config.types import (BUILTIN_FILTERS, _file_problem, has_entries,
+                                   private_file_problem)
 from mailgate.errors import ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -182,7 +183,9 @@ def _check_tls(path, config):
     for key in keys:
         value = getattr(config.tls, key)
         if value is not None and not config.tls.generate_self_signed:
-            _check_readable(path, "tls", key, value)
+            _check_readable(path, "tls", key, value, private=key == "private_key")
+        elif value is not None and key == "private_key" and os.path.exists(value):
+            _check_readable(path, "tls", key, value, private=True)
     if config.tls.ca_file is not None:
         _check_readable(path, "tls", "ca_file", config.tls.ca_file)
 
@@ -194,7 +197,7 @@ def _check_auth(path, config):
         message = "required, because [listener:%s] has auth = %s" % (users[0].name, users[0].auth)
         raise ConfigError(path, "auth", "users_file", message)
     if value is not None:
-        _check_readable(path, "auth", "users_file", value)
+        _check_readable(path, "auth", "users_file", value, private=has_entries)
 
 
 def _check_routes(path, config):
@@ -210,11 +213,17 @@ def _check_routes(path, config):
 
 def _check_dkim(path, config):
     if config.dkim.private_key is not None:
-        _check_readable(path, "dkim", "private_key", config.dkim.private_key)
+        _check_readable(path, "dkim", "private_key", config.dkim.private_key, private=True)
 
 
-def _check_readable(path, section, key, filename):
+def _check_readable(path, section, key, filename, private=False):
+    """
+    A readable file; private: a secret, which only its owner and group may read (or a function
+    saying whether this file holds a secret at all).
+    """
     problem = _file_problem(filename)
+    if not problem and private:
+        problem = private_file_problem(filename, private if callable(private) else None)
     if problem:
         raise ConfigError(path, section, key, problem)
 

@@ -554,6 +554,33 @@ def _file_problem(filename):
     return None
 
 
+def has_entries(filename):
+    """Does a users file hold any entry (a line that is neither blank nor a # comment)?"""
+    try:
+        with open(filename, "rb") as f:
+            text = f.read(1024 * 1024)
+    except OSError:
+        return True
+    return any(line.strip() and not line.strip().startswith(b"#") for line in text.splitlines())
+
+
+def private_file_problem(filename, holds_secret=None):
+    """
+    None if filename (a readable file holding a secret) can be read by its owner and group only,
+    else what is wrong: a private key or password hashes must not be readable by everyone.
+    holds_secret(filename), when given, says whether there is a secret in it at all (a users file
+    with no users, like the repository's example, may be anyone's).
+    """
+    try:
+        mode = os.stat(filename).st_mode
+    except OSError:
+        return None  # _file_problem says what is wrong with it
+    if mode & (stat.S_IROTH | stat.S_IWOTH) and (holds_secret is None or holds_secret(filename)):
+        return ("%s can be read or written by anyone (mode %04o): allow its owner and group only "
+                "(chmod o-rwx %s)" % (filename, stat.S_IMODE(mode), filename))
+    return None
+
+
 @attr.s(frozen=True)
 class SecretFile:
     """
@@ -722,3 +749,68 @@ class Command:
 
     def render(self, value):
         return value or ""
+
+
+@attr.s(frozen=True, slots=True)
+class Rate:
+    """count events per seconds: "60/1m" is Rate(60, 60.0)."""
+
+    count = attr.ib()
+    seconds = attr.ib()
+
+    def __str__(self):
+        return "%d/%s" % (self.count, Duration().render(self.seconds))
+
+
+@attr.s(frozen=True)
+class RateLimit:
+    """COUNT/DURATION (60/1m, 1000/1h, 5/30s; a bare 1m means 1m); empty: no limit (None)."""
+
+    EMPTY = "no limit"  # what an empty default reads as in the reference
+
+    def parse(self, text, base):
+        if not text:
+            return None
+        match = re.fullmatch(r"([0-9]+) */ *(.+)", text)
+        if not match or int(match.group(1)) < 1:
+            raise _expected("a rate like 60/1m (count per duration), or empty for no limit", text)
+        try:
+            seconds = Duration().parse(match.group(2).strip(), base)
+        except ValueError:
+            raise _expected("a rate like 60/1m (count per duration), or empty for no limit", text)
+        return Rate(int(match.group(1)), seconds)
+
+    def describe(self):
+        return "rate `COUNT/DURATION`, empty for no limit"
+
+    def render(self, value):
+        return "" if value is None else str(value)
+
+
+RELAY_IPS = "relay_ips"  # in a limit_exempt_ips list: the listener's relay_ips
+
+
+@attr.s(frozen=True)
+class ExemptList:
+    """
+    A NetworkList in which the word relay_ips stands for the listener's relay_ips: a tuple of
+    ipaddress networks, with the str "relay_ips" where it was written.
+    """
+
+    EMPTY = "empty"
+
+    def parse(self, text, base):
+        out = []
+        for item in _items(text):
+            if item.lower() == RELAY_IPS:
+                if RELAY_IPS not in out:
+                    out.append(RELAY_IPS)
+            else:
+                out.append(NetworkList()._network(item))
+        return tuple(out)
+
+    def describe(self):
+        return "CIDR list; `relay_ips` for the listener's `relay_ips`"
+
+    def render(self, value):
+        return ", ".join(str(item) for item in value)

@@ -189,6 +189,9 @@ class DeliveryService(service.Service):
         self._running = {}  # queue_id -> Deferred of the round in progress
         self._again = set()  # woken while a round was in progress: run once more after it
         self._forced = set()  # flushed: the next round runs even before its retry time
+        # Outcomes the queue could not save (a full disk): the next round starts from them, not
+        # from the older state on disk, so what was delivered is not sent again meanwhile.
+        self._unsaved = {}  # queue_id -> MessageState
         self._withdrawn = {}  # queue_id -> token of the admin operation that owns it now
         self._sweeper = None
         self._unsubscribe = None
@@ -281,7 +284,12 @@ class DeliveryService(service.Service):
             failure = failure.value.subFailure  # from one of the round's destination groups
         if failure.check(KeyError) or queue_id in self._withdrawn:
             return None  # removed (delivered, deleted) or set aside as corrupt meanwhile
-        log.failure("delivery round for {queue_id} failed; retrying later", failure, queue_id=queue_id)
+        if failure.check(OSError):  # the disk is full or failing: one line, not a traceback
+            log.error("delivery round for {queue_id} failed ({error}); retrying later",
+                      queue_id=queue_id, error=failure.getErrorMessage())
+        else:
+            log.failure("delivery round for {queue_id} failed; retrying later", failure,
+                        queue_id=queue_id)
         self._schedule(queue_id, self.clock.seconds() + retry_delay(self.delivery.retry, 1))
 
     @defer.inlineCallbacks
@@ -291,7 +299,11 @@ class DeliveryService(service.Service):
         state, envelope, data = yield self.queue.load(queue_id)
         if state not in DELIVERABLE or queue_id in self._withdrawn:
             return
-        msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+        msg = self._unsaved.pop(queue_id, None)
+        if msg is None:
+            msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+        else:
+            yield self._save(queue_id, msg)  # the outcomes the last round could not save, first
         now = self.clock.seconds()
         if msg.next_attempt > now and state == "deferred" and not forced:
             self._schedule(queue_id, msg.next_attempt)
@@ -346,6 +358,16 @@ class DeliveryService(service.Service):
         log.info("{queue_id} expired after {lifetime}", queue_id=envelope.queue_id,
                  lifetime=_human(self.delivery.max_lifetime))
 
+    def _save(self, queue_id, msg):
+        """save_state; when it fails, msg is kept for the next round (which retries the save)."""
+        d = self.queue.save_state(queue_id, msg.to_bytes())
+
+        def failed(failure):
+            self._unsaved[queue_id] = msg
+            return failure
+
+        return d.addErrback(failed)
+
     @defer.inlineCallbacks
     def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts, left):
         limit = self._destinations.get(key)
@@ -380,7 +402,7 @@ class DeliveryService(service.Service):
         if left[0] == 0 and self._done(queue_id, msg):
             return  # delivered to all: removing the message records it (no state to write first)
         # The outcome is on disk before anything acts on it (a bounce, a removal, a retry).
-        yield self.queue.save_state(queue_id, msg.to_bytes())
+        yield self._save(queue_id, msg)
 
     def _done(self, queue_id, msg):
         """Every recipient delivered, nothing to report and no operation waiting on the state."""
@@ -424,8 +446,14 @@ class DeliveryService(service.Service):
         pending = msg.pending()
         if not pending:
             if bounced:  # the DSN is queued: the state says so before the message goes
-                yield self.queue.save_state(queue_id, msg.to_bytes())
-            yield self.queue.remove(queue_id)
+                yield self._save(queue_id, msg)
+            try:
+                yield self.queue.remove(queue_id)
+            except Exception:
+                # Not removed (a full disk?): what this round did is kept for the next one, so
+                # that it does not send again what it delivered.
+                self._unsaved[queue_id] = msg
+                raise
             return
         msg.attempts += 1
         warn_at = envelope.received_at + self.delivery.delay_warning
@@ -434,7 +462,7 @@ class DeliveryService(service.Service):
             msg.delay_warned = True
         expires = envelope.received_at + self.delivery.max_lifetime
         msg.next_attempt = min(now + retry_delay(self.delivery.retry, msg.attempts), expires)
-        yield self.queue.save_state(queue_id, msg.to_bytes())
+        yield self._save(queue_id, msg)
         # Checked right before each step: a hold made during this round must not be undone.
         if self._withdrawn_for(queue_id) is not None:
             return
@@ -618,7 +646,9 @@ class DeliveryService(service.Service):
                 raise QueueCommandError("%s: another operation took it over" % (queue_id,))
             self._cancel_timer(queue_id)
             state, envelope, data = yield self.queue.load(queue_id)
-            msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+            msg = self._unsaved.pop(queue_id, None)
+            if msg is None:
+                msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
             now = self.clock.seconds()
             code, status, text = ADMIN_BOUNCE
             pending = msg.pending()
@@ -634,7 +664,7 @@ class DeliveryService(service.Service):
             dsn_id = None
             if bounced:
                 dsn_id = yield self._notify(envelope, data, msg, bounced, now, "failed")
-            yield self.queue.save_state(queue_id, msg.to_bytes())
+            yield self._save(queue_id, msg)
             yield self.queue.remove(queue_id)
         finally:
             self._settle(queue_id, mark)

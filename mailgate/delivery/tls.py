@@ -24,6 +24,9 @@ TLS policy (RouteConfig.tls)
                  trust store when None) and the name against Hop.name with service_identity (an
                  IP address must be an IP SAN); failure -> 451 4.7.5, reason logged.
   Our certificate (tls_config.certificate / private_key, when set) is offered when a server asks.
+  Every policy speaks our TLS policy (mailgate.tls.policy_options: [tls] min_version, ECDHE with
+  AEAD ciphers for TLS 1.2, no renegotiation); a server that cannot is, for opportunistic, a
+  failed handshake and so a plaintext retry.
 """
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -74,6 +77,19 @@ class _UnverifiedClientTLS:
         return connection
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _Hardened:
+    """A client creator whose connections' context refuses renegotiation (mailgate.tls.harden)."""
+
+    def __init__(self, creator):
+        self.creator = creator
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        from mailgate import tls
+
+        return tls.harden(self.creator.clientConnectionForTLS(tlsProtocol))
+
+
 class _TLSConfigError(Exception):
     pass
 
@@ -94,16 +110,25 @@ class ClientTLS:
     def context(self, policy, hop):
         if policy in ("none", _PLAINTEXT):
             return None
+        from mailgate import tls
+
         if policy in ("opportunistic", "required"):
             if self._unverified is None:
-                options = CertificateOptions(verify=False, **self._client_certificate())
+                options = CertificateOptions(verify=False, **self._policy(),
+                                             **self._client_certificate())
+                tls.harden(options.getContext())
                 self._unverified = options
             return _UnverifiedClientTLS(self._unverified, hop.name)
         name = (hop.name or hop.address).rstrip(".")
-        return optionsForClientTLS(
-            name, trustRoot=self._trust_root(),
-            extraCertificateOptions=self._client_certificate(),
-        )
+        extra = self._client_certificate()
+        extra.update(self._policy())
+        return _Hardened(optionsForClientTLS(name, trustRoot=self._trust_root(),
+                                             extraCertificateOptions=extra))
+
+    def _policy(self):
+        from mailgate import tls
+
+        return tls.policy_options(getattr(self.tls_config, "min_version", None) or "TLSv1.2")
 
     def _trust_root(self):
         if self._trust is None:

@@ -2,8 +2,8 @@
 The health check behind /healthz: can this gateway take mail right now?
 
 It asks the gateway (listeners bound, queue recovery over) and the queue itself
-(IQueue.check_writable, with a time limit), so a full disk or an unreachable database shows
-as 503 with the reason while it lasts.
+(IQueue.check_writable, with a time limit: True, or False or a str saying why not), so a full
+disk or an unreachable database shows as 503 with the reason while it lasts.
 """
 
 from twisted.internet import defer
@@ -34,7 +34,9 @@ def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
         d.addTimeout(timeout, clock)
 
     def checked(writable):
-        if writable is not True:
+        if isinstance(writable, str):
+            problems.append("queue not writable: " + writable)  # the queue says why
+        elif writable is not True:
             problems.append("queue not writable")
         return problems
 

@@ -142,7 +142,9 @@ class LogFile:
             self._file.flush()
 
     def _open(self):
-        self._file = open(self.path, "ab")
+        # 0600: the logs name every sender and recipient (a new file only; the umask aside).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._file = os.fdopen(fd, "ab")
         info = os.fstat(self._file.fileno())
         self._size = info.st_size
         self._day = int(info.st_mtime // 86400) if info.st_size else None
@@ -205,7 +207,7 @@ class LogService(service.Service):
 
     def startService(self):
         directory = self.config.dir
-        os.makedirs(directory, exist_ok=True)  # at start-up: failing loudly here is right
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # at start-up: failing loudly is right
         self._files = {kind: LogFile(directory, kind, self.config.max_size,
                                      self.config.retention_days) for kind in KINDS}
         self._stopping = False

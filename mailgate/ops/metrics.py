@@ -21,6 +21,9 @@ emits on its mailgate.events.EventBus:
                                                       queued: filters and the durable write)
     mailgate_messages_rejected_total{listener,stage,severity,reason}
                                                       REJECT: one per refused MAIL, RCPT or message
+    mailgate_limit_refusals_total{limit}              REJECT events naming a limit across sessions
+                                                      (max_connections_per_ip, message_rate_per_ip,
+                                                      max_auth_failures_per_ip, early_talker, ...)
     mailgate_messages_quarantined_total               QUARANTINE
     mailgate_auth_failures_total{listener}            AUTH_FAIL
     mailgate_recipients_delivered_total{route}        DELIVER (one per recipient)
@@ -173,6 +176,9 @@ class Metrics:
             "mailgate_messages_rejected_total",
             "Refused MAIL, RCPT and messages, by SMTP stage and reason (enhanced status code)",
             ("listener", "stage", "severity", "reason"))
+        self.limit_refusals = counter(
+            "mailgate_limit_refusals_total",
+            "Connections, commands and messages refused by a limit across sessions", ("limit",))
         self.quarantined = counter("mailgate_messages_quarantined_total", "Messages quarantined")
         self.auth_failures = counter("mailgate_auth_failures_total", "Failed SMTP AUTH attempts",
                                      ("listener",))
@@ -253,6 +259,8 @@ class Metrics:
             severity, reason = reject_reason(fields.get("reply"))
             self.rejected.labels(_label(fields.get("listener")), _label(fields.get("stage")),
                                  severity, reason).inc()
+            if fields.get("limit"):
+                self.limit_refusals.labels(str(fields["limit"])).inc()
         elif event == "QUARANTINE":
             self.quarantined.inc()
         elif event == "AUTH_FAIL":

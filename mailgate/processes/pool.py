@@ -70,9 +70,11 @@ class _Receiver(protocol.ProcessProtocol):
         self._decoder = LineDecoder()
         self._logs = {}
 
-    def connectionMade(self):
+    def configure(self):
+        """Send the configuration, and who to be: the main process's user and groups now."""
         self.send({"t": "config", "path": self.config.path,
-                   "ini": render_config(self.config, show_secrets=True)})
+                   "ini": render_config(self.config, show_secrets=True),
+                   "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()})
 
     def when_started(self):
         """A Deferred firing once it accepts, failing with ReceiverFailed when it cannot start."""
@@ -152,12 +154,28 @@ class ReceiverPool(service.Service):
         self._generation = 0
         self._respawn_delay = RESPAWN_FIRST
         self._respawns = {}  # slot in current -> DelayedCall
+        self._announced = False
 
     # -- life
 
+    def prestart(self):
+        """
+        Start the receiver processes now, while we may still be root (the listeners are bound,
+        the queue not yet recovered): they wait for their configuration.  A Python installed
+        where only root may read is no obstacle then; each one switches to our user when it is
+        configured.
+        """
+        if not self.current:
+            self.current = self._spawn_generation(self.count, self.gateway.config,
+                                                  self._sockets(), configure=False)
+
     def startService(self):
         service.Service.startService(self)
-        self.current = self._spawn_generation(self.count, self.gateway.config, self._sockets())
+        if self.current:
+            for receiver in self.current:
+                receiver.configure()
+        else:
+            self.current = self._spawn_generation(self.count, self.gateway.config, self._sockets())
 
     def stopService(self):
         service.Service.stopService(self)
@@ -227,11 +245,12 @@ class ReceiverPool(service.Service):
         return {listening.listener.name: listening_socket(listening.port)
                 for listening in self.gateway.listeners() if listening.port is not None}
 
-    def _spawn_generation(self, count, config, sockets):
+    def _spawn_generation(self, count, config, sockets, configure=True):
         self._generation += 1
-        return [self._spawn(i, self._generation, config, sockets) for i in range(count)]
+        return [self._spawn(i, self._generation, config, sockets, configure)
+                for i in range(count)]
 
-    def _spawn(self, index, generation, config, sockets):
+    def _spawn(self, index, generation, config, sockets, configure=True):
         receiver = _Receiver(self, index, generation, config, sockets)
         child_fds = {0: "w", 1: 1, 2: 2, 3: "r"}
         args = [self.executable, "-m", "mailgate.processes.receiver",
@@ -242,12 +261,18 @@ class ReceiverPool(service.Service):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # our mailgate, theirs too
         self.reactor.spawnProcess(receiver, self.executable, args, env=env, childFDs=child_fds)
+        if configure:
+            receiver.configure()
         return receiver
 
     def became_ready(self, receiver):
         self._respawn_delay = RESPAWN_FIRST
         if receiver in self.current and all(r.ready for r in self.current):
-            log.info("{count} receiver processes accepting", count=len(self.current))
+            # The first time, the gateway takes mail from now on: the line the single process
+            # logs once its queue is recovered.
+            first, self._announced = not self._announced, True
+            log.info("{ready}{count} receiver processes accepting",
+                     ready="queue ready: " if first else "", count=len(self.current))
 
     def committed(self, queue_id, state):
         announce = getattr(self.gateway.queue, "announce", None)

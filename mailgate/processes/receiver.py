@@ -43,7 +43,9 @@ class Channel(Protocol):
     def dataReceived(self, data):
         for message in self._decoder.feed(data):
             if message.get("t") == "config":
-                self.receiver.start(str(message.get("ini", "")), str(message.get("path", "")))
+                self.receiver.start(str(message.get("ini", "")), str(message.get("path", "")),
+                                    message.get("uid"), message.get("gid"),
+                                    message.get("groups") or [])
             elif message.get("t") == "retire":
                 self.receiver.retire()
             elif message.get("t") == "stop":
@@ -103,7 +105,7 @@ class Receiver:
 
     # -- life
 
-    def start(self, ini, path):
+    def start(self, ini, path, uid=None, gid=None, groups=()):
         from mailgate.config import load_config_text
         from mailgate.service import build_service
 
@@ -117,6 +119,7 @@ class Receiver:
             self.gateway.queue.subscribe(self.committed)
             service.IService(self.gateway).privilegedStartService()
             self.gateway.startService()
+            _become(uid, gid, groups)  # the main process's user, before any session starts
         except ConfigError as e:
             self.channel.send({"t": "fatal", "error": str(e)})
             self.reactor.callLater(0, self.reactor.stop)
@@ -148,6 +151,18 @@ class Receiver:
             d.addBoth(lambda _: self.reactor.stop())
         else:
             self.reactor.stop()
+
+
+def _become(uid, gid, groups):
+    """Switch to uid, gid and groups (those of the main process) when we are root and they differ."""
+    if uid is None or os.geteuid() != 0 or (os.getuid(), os.getgid()) == (uid, gid):
+        return
+    try:
+        os.setgroups([int(g) for g in groups])
+        os.setgid(int(gid))
+        os.setuid(int(uid))
+    except (OSError, ValueError) as e:
+        raise ConfigError("receiver", None, None, "cannot switch to uid %s: %s" % (uid, e))
 
 
 def _listen_argument(text):

@@ -571,6 +571,7 @@ class Spool:
         self._committer = _GroupCommit(self._run)
         self._subscribers = []
         self._state_locks = {}  # queue_id -> DeferredLock: saves of one message land in call order
+        self.write_error = None  # why the last write failed, until a write succeeds again
 
     def _in_pool(self, f, *args):
         pool = self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
@@ -618,10 +619,12 @@ class Spool:
         return d
 
     def _enqueued(self, _, queue_id, state):
+        self._wrote()
         self._notify(queue_id, state)
         return queue_id
 
     def _enqueue_failed(self, failure, queue_id, state):
+        self._write_failed(failure)
         log.error(
             "Could not queue {queue_id} in {state}: {error}",
             queue_id=queue_id,
@@ -629,6 +632,22 @@ class Spool:
             error=failure.getErrorMessage(),
         )
         return failure
+
+    def _write_failed(self, failure):
+        """Remember a failed write (a full disk, an I/O error): /healthz says why while it lasts."""
+        if failure.check(OSError):
+            error = failure.value
+            if self.write_error is None:
+                log.error("Spool {path}: writes fail ({error}); every message gets 451 4.3.0 "
+                          "until they work again", path=self.path, error=_why(error))
+            self.write_error = _why(error)
+        return failure
+
+    def _wrote(self, result=None):
+        if self.write_error is not None:
+            log.info("Spool {path}: writes work again", path=self.path)
+            self.write_error = None
+        return result
 
     def load(self, queue_id):
         _check_id(queue_id)
@@ -702,7 +721,7 @@ class Spool:
         op = functools.partial(_op_save_state, self.path, queue_id, source)
         d = self._run(_write_file, source, [data])
         d.addCallback(lambda _: self._committer.submit(op))
-        return d
+        return d.addCallbacks(self._wrote, self._write_failed)
 
     def _forget_lock(self, result, queue_id, lock):
         if not lock.locked and not lock.waiting and self._state_locks.get(queue_id) is lock:
@@ -762,11 +781,29 @@ class Spool:
                 )
 
     def check_writable(self):
-        return self._run(_probe, self.path).addErrback(self._not_writable)
+        """
+        Fires True when a probe file can be written and synced in tmp/ and the last message or
+        state write did not fail; else with why not (str), for /healthz.
+        """
+        return self._run(_probe, self.path).addCallbacks(self._probed, self._not_writable)
+
+    def _probed(self, _):
+        if self.write_error is not None:
+            return "spool %s: the last write failed: %s" % (self.path, self.write_error)
+        return True
 
     def _not_writable(self, failure):
-        log.error("Queue {path} is not writable: {error}", path=self.path, error=failure.getErrorMessage())
-        return False
+        error = failure.value
+        why = _why(error) if isinstance(error, OSError) else failure.getErrorMessage()
+        log.error("Queue {path} is not writable: {error}", path=self.path, error=why)
+        return "spool %s not writable: %s" % (self.path, why)
+
+
+def _why(error):
+    """An OSError in words: 'No space left on device (ENOSPC)'."""
+    name = errno.errorcode.get(error.errno, "")
+    text = error.strerror or str(error)
+    return "%s (%s)" % (text, name) if name else text
 
 
 def _log_problems(problems):

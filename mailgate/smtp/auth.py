@@ -24,6 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from mailgate.config.types import private_file_problem
 from mailgate.interfaces import IAuthBackend, IUser
 
 log = Logger()
@@ -240,8 +241,9 @@ def _fsync_dir(directory):
 def _atomic_write(path, text):
     """
     Replace path with text so a reader sees the old file or the new one, never a mix, and the
-    new one survives a crash.  Keeps an existing file's mode (and owner, where permitted); a new
-    file gets 0600 since it holds password hashes.
+    new one survives a crash.  Keeps an existing file's mode without the bits for others (it
+    holds password hashes: owner and group only) and its owner, where permitted; a new file
+    gets 0600.
     """
     directory = os.path.dirname(path) or "."
     try:
@@ -252,7 +254,7 @@ def _atomic_write(path, text):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            os.fchmod(f.fileno(), (st.st_mode & 0o7777) if st else 0o600)
+            os.fchmod(f.fileno(), (st.st_mode & 0o7770) if st else 0o600)
             if st is not None:
                 try:
                     os.fchown(f.fileno(), st.st_uid, st.st_gid)
@@ -370,7 +372,7 @@ class UsersFile:
         with self._lock:
             try:
                 st = os.stat(self.path)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
             except OSError as e:
                 return self._failed(("stat", e.errno), e)
             if stamp == self._seen:
@@ -379,7 +381,10 @@ class UsersFile:
                 with open(self.path, encoding="utf-8") as f:
                     st = os.fstat(f.fileno())  # the stamp of exactly what we read
                     users = parse_users(f.read(), source=self.path)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+                problem = private_file_problem(self.path) if users else None
+                if problem:
+                    raise ValueError(problem)
             except (OSError, ValueError) as e:
                 return self._failed(stamp, e)
             self._users, self._seen = users, stamp

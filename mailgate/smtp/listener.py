@@ -137,10 +137,18 @@ class ListenerService(service.Service):
         d = self.endpoint.listen(self.factory)
         return d.addCallbacks(self._listening, self._failed)
 
+    def privilegedStartService(self):
+        # twistd calls this before it (or [gateway] user) drops root: ports 25, 465, 587 bind here.
+        service.Service.privilegedStartService(self)
+        return self._bind_at_start()
+
     def startService(self):
         service.Service.startService(self)
-        if self.port is not None:
-            return None  # bound already: a reload binds a new listener before adding it
+        return self._bind_at_start()
+
+    def _bind_at_start(self):
+        if self.port is not None or self._binding is not None:
+            return None  # bound already (privileged start, or a reload bound it before adding it)
         failed = []
         d = self.listen()
         d.addErrback(self._start_failed, failed)
@@ -149,7 +157,15 @@ class ListenerService(service.Service):
             # runs, by raising (twistd prints it once, an embedder gets the exception).
             raise failed[0]
         failed.append(None)  # from now on a failure can only be logged
+        self._binding = d
+        d.addBoth(self._bound)
         return d
+
+    _binding = None
+
+    def _bound(self, result):
+        self._binding = None
+        return result
 
     def _start_failed(self, failure, failed):
         failure.trap(ConfigError)

@@ -45,6 +45,11 @@ AUTH_MECHANISM = R(504, "5.5.4", "Unrecognized authentication type")
 AUTH_CANCELLED = R(501, "5.7.0", "Authentication cancelled")
 AUTH_UNDECODABLE = R(501, "5.5.2", "Cannot decode response")
 
+# The limits across sessions (mailgate.smtp.limits).
+AUTH_BLOCKED = R(454, "4.7.0", "Too many failed authentications, try later")
+PROTOCOL_ERROR = R(554, "5.5.0", "Protocol error")  # talking before the banner
+TOO_MANY_HOPS = R(554, "5.4.6", "Too many hops (mail loop)")
+
 VRFY = R(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
 NO_EXPN = R(502, "5.5.1", "EXPN not available")
 HELP = R(214, "2.0.0", "mailgate: see RFC 5321")
@@ -74,3 +79,23 @@ def too_many_auth_failures(hostname):
 def temporary_greeting(hostname, reply):
     """RFC 5321 3.1: the only temporary greeting is 421 (then close)."""
     return R(421, reply.status, "%s %s" % (hostname, reply.text))
+
+
+def too_many_connections(hostname):
+    return R(421, "4.7.0", "%s Too many connections" % (hostname,))
+
+
+def connection_rate(hostname, ip):
+    return R(421, "4.7.0", "%s Too many connections from %s, try again later" % (hostname, ip))
+
+
+def message_rate(who):
+    return R(450, "4.7.1", "Too much mail from %s, try again later" % (who,))
+
+
+def recipient_rate(who):
+    return R(450, "4.7.1", "Too many recipients from %s, try again later" % (who,))
+
+
+def data_too_slow(hostname):
+    return R(421, "4.4.2", "%s Error: data rate below the minimum" % (hostname,))

@@ -18,7 +18,8 @@ from twisted.mail import smtp
 from mailgate.envelope import Envelope, Reply
 from mailgate.errors import ReplyError
 from mailgate.session import Session
-from mailgate.smtp import address, policy, replies, sasl
+from mailgate.smtp import address, limits, policy, replies, sasl
+from mailgate.smtp.anvil import Anvil
 from mailgate.smtp.datascan import DataScanner
 from mailgate.smtp.gate import Gate
 from mailgate.smtp.handoff import hand_off, scan_problem
@@ -66,6 +67,9 @@ class SMTPServer(smtp.ESMTP):
         self.tls = factory.listener.tls == "implicit"
         self.user = None
         self.session = None
+        self.guard = None  # the limits across sessions (mailgate.smtp.limits.Guard)
+        self._greeted = False
+        self._data_bytes = 0
         self._reset_transaction()
 
     # -- session facts (read by hooks and, later, filters) -----------------------------------
@@ -103,6 +107,11 @@ class SMTPServer(smtp.ESMTP):
                                       session=self.session.id, user=self.session.user, **fields)
 
     def connectionMade(self):
+        # The limits across sessions come first: a flood costs a counter lookup and one reply.
+        self.guard = limits.Guard(self.factory.anvil, self.listener, self.hostname, self.client_ip)
+        refused = self.guard.connect()
+        if refused is not None:
+            return self._refuse_connection(*refused)
         self.session = Session(self, secrets.token_hex(6))
         # Kept now: a TLS transport cannot tell its addresses any more once it is closed.
         local, peer = self.transport.getHost(), self.transport.getPeer()
@@ -129,10 +138,44 @@ class SMTPServer(smtp.ESMTP):
             if reply.is_temporary and reply.code != 421:
                 reply = replies.temporary_greeting(self.hostname, reply)
             self._close(reply)
+        elif self.guard.greet_delay:
+            d = defer.Deferred()
+            self._timers["greet"] = self.clock.callLater(self.guard.greet_delay, d.callback, None)
+            return d.addCallback(lambda _: self._greet())
         else:
-            self._reply(policy.banner_reply(self.hostname))
+            self._greet()
+
+    def _greet(self):
+        self._greeted = True
+        self._reply(policy.banner_reply(self.hostname))
+
+    def _refuse_connection(self, limit, reply):
+        """Over a connection limit: the reply and close, before any session exists."""
+        self._closed = True
+        self.transport.write(b"".join(line + b"\r\n" for line in reply.lines()))
+        self.transport.loseConnection()
+        if self.factory.events is not None:
+            self.factory.events.track("REJECT", listener=self.listener.name, client=self.client_ip,
+                                      session=None, user=None, stage="CONNECT", reply=str(reply),
+                                      limit=limit)
+
+    def _limit_refused(self, limit, reply, stage=None, counts=True):
+        """Answer a limit's refusal; the REJECT event names the limit."""
+        self._limit = limit
+        if self._stage is None:
+            self._track("REJECT", stage=stage, reply=str(reply), limit=limit)
+        self._error(reply, counts)
+
+    def _early_talker(self):
+        log.info("{client} on {listener} talked before the banner",
+                 client=self.client_ip, listener=self.listener.name)
+        self._track("REJECT", stage="CONNECT", reply=str(replies.PROTOCOL_ERROR),
+                    limit="early_talker")
+        self._close(replies.PROTOCOL_ERROR)
 
     def connectionLost(self, reason=protocol.connectionDone):
+        if self.guard is not None:
+            self.guard.disconnect()
         if self.session is not None:
             self._protocol_event("disconnect")
         self._closed = True
@@ -149,6 +192,9 @@ class SMTPServer(smtp.ESMTP):
             return
         if self._scanner is not None:
             self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+            self._data_bytes += len(data)
+        elif not self._greeted:
+            return self._early_talker()
         self._buffer += data
         self._process()
 
@@ -236,8 +282,9 @@ class SMTPServer(smtp.ESMTP):
             sender = str(self.sender) if self.sender is not None else self._attempt
             recipients = [self._attempt] if self._stage == "RCPT" and self._attempt else \
                 [str(r) for r in self.recipients]
+            extra = {"limit": self._limit} if self._limit is not None else {}
             self._track("REJECT", stage=self._stage, reply=str(reply), sender=sender,
-                        recipients=recipients)
+                        recipients=recipients, **extra)
 
     def _error(self, reply, counts=True):
         """Answer with a failure reply; too many of them end the session."""
@@ -265,11 +312,13 @@ class SMTPServer(smtp.ESMTP):
 
     _stage = None  # "MAIL", "RCPT" or "DATA" while such a command is being answered
     _attempt = None  # the address given to that MAIL or RCPT, once parsed
+    _limit = None  # the limit across sessions that refused it, if one did
     _tls_reported = False
 
     def _line(self, line):
         self._stage = None
         self._attempt = None
+        self._limit = None
         if self.factory.events is not None:
             self._report_command(line)
         limit = MAX_AUTH_LINE if self._sasl is not None or line[:5].upper() == b"AUTH " else MAX_COMMAND_LINE
@@ -384,6 +433,10 @@ class SMTPServer(smtp.ESMTP):
             return self._error(replies.AUTH_AGAIN)
         if self.sender is not None:
             return self._error(replies.AUTH_IN_TRANSACTION)
+        if self.guard.at_auth:
+            blocked = self.guard.auth_blocked()
+            if blocked is not None:
+                return self._limit_refused(*blocked, stage="AUTH")
         mechanism, _, initial = arg.partition(" ")
         try:
             self._sasl = sasl.Exchange(mechanism.upper(), initial or None)
@@ -407,12 +460,17 @@ class SMTPServer(smtp.ESMTP):
         return self._check_credentials(*step)
 
     def _check_credentials(self, username, password):
+        if self.guard.at_auth:
+            blocked = self.guard.auth_blocked(username.decode("utf-8", "replace"))
+            if blocked is not None:
+                return self._limit_refused(*blocked, stage="AUTH")
+        started = self.clock.seconds()
         d = sasl.authenticate(self.factory.auth, username, password)
 
         def checked(result):
             username, user = result
             if user is None:
-                return self._auth_failed(username)
+                return self._auth_failed_after(started, username)
             self.user = user
             log.info("authenticated {user} from {client}", user=username, client=self.client_ip)
             self._reply(AUTH_OK)
@@ -422,6 +480,19 @@ class SMTPServer(smtp.ESMTP):
             self._error(AUTH_TEMP)
 
         return d.addCallbacks(checked, broken)
+
+    def _auth_failed_after(self, started, username):
+        """
+        A failed AUTH is answered auth_failure_delay after it began, whatever the backend took:
+        an unknown user and a wrong password look alike, and guessing is slow.
+        """
+        self.guard.auth_failed(username)
+        wait = started + self.limits.auth_failure_delay - self.clock.seconds()
+        if wait <= 0:
+            return self._auth_failed(username)
+        d = defer.Deferred()
+        self._timers["auth"] = self.clock.callLater(wait, d.callback, None)
+        return d.addCallback(lambda _: self._auth_failed(username))
 
     def _auth_failed(self, username):
         self.auth_failures += 1
@@ -444,6 +515,10 @@ class SMTPServer(smtp.ESMTP):
         self._attempt = str(sender)
         if params.get("SIZE", 0) > self.listener.max_message_size:
             return self._error(TOO_BIG)
+        if self.guard.at_mail:
+            refused = self.guard.mail(self.user.name if self.user is not None else None)
+            if refused is not None:
+                return self._limit_refused(*refused)
         refused = policy.sender_reply(self.user, sender)
         if refused is not None:
             return self._answer(refused)
@@ -462,6 +537,10 @@ class SMTPServer(smtp.ESMTP):
             return self._error(NEED_MAIL)
         recipient, _params = address.parse_rcpt(arg)
         self._attempt = str(recipient)
+        if self.guard.at_rcpt:
+            refused = self.guard.rcpt(self.user.name if self.user is not None else None)
+            if refused is not None:
+                return self._limit_refused(*refused, counts=False)
         if len(self.recipients) >= self.listener.max_recipients:
             return self._answer(TOO_MANY_RCPTS)
         refused = policy.recipient_reply(self.listener, self.factory.gateway, self.client_ip,
@@ -493,21 +572,44 @@ class SMTPServer(smtp.ESMTP):
         self._scanner = DataScanner(self.listener.max_message_size)
         self._disarm("idle")
         self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+        if self.guard.min_data_rate:
+            self._data_bytes = 0
+            self._arm_data_rate(self.clock.seconds())
         self._reply(replies.START_DATA)
+
+    def _arm_data_rate(self, started):
+        self._timers["rate"] = self.clock.callLater(limits.DATA_RATE_INTERVAL, self._check_data_rate,
+                                                    started)
+
+    def _check_data_rate(self, started):
+        if self._closed or self._scanner is None:
+            return
+        refused = self.guard.data_rate(self._data_bytes, self.clock.seconds() - started)
+        if refused is None:
+            return self._arm_data_rate(started)
+        log.info("{client} on {listener}: DATA slower than min_data_rate", client=self.client_ip,
+                 listener=self.listener.name)
+        self._stage, self._limit = "DATA", refused[0]
+        self._close(refused[1])
 
     def _end_of_data(self):
         self._stage = "DATA"
         self._data_done_at = self.clock.seconds()
         scanner, self._scanner = self._scanner, None
         self._disarm("idle")
+        self._disarm("rate")
+        message = scanner.message()
         reply = scan_problem(scanner)
+        if reply is None:
+            refused = self.guard.hops(message)
+            if refused is not None:
+                self._limit, reply = refused
         if reply is not None:
             log.info("rejected message from {client}: {reply}", client=self.client_ip, reply=str(reply))
             self._error(reply)  # reported while the transaction still names its recipients
             self._reset_transaction()
             return None
         envelope = self._envelope(scanner.size)
-        message = scanner.message()
         d = self._hook("on_data", envelope, message)
         d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message, result))
         d.addCallback(self._handed_off)
@@ -532,7 +634,11 @@ class SMTPServer(smtp.ESMTP):
         self._reply(replies.queued(outcome.queue_id))
 
     def _queue_failed(self, failure, envelope):
-        log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
+        if failure.check(OSError):  # a full disk, an I/O error: the queue logged it, one line
+            log.warn("message {queue_id} not queued ({error}): 451", queue_id=envelope.queue_id,
+                     error=failure.getErrorMessage())
+        else:
+            log.failure("could not queue message {queue_id}", failure, queue_id=envelope.queue_id)
         self._error(TEMP_FAIL)
 
     def _after_message(self, result):
@@ -596,7 +702,7 @@ class SMTPFactory(protocol.ServerFactory):
     noisy = False  # mailgate logs its own listener events
 
     def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
-                 events=None):
+                 events=None, anvil=None):
         self.listener = listener
         self.gateway = gateway
         self.clock = clock
@@ -606,6 +712,8 @@ class SMTPFactory(protocol.ServerFactory):
         self.tls = tls
         self.hooks = hooks
         self.events = events  # a mailgate.events.EventBus, or None
+        # The counters across sessions: the gateway shares one among all its listeners.
+        self.anvil = anvil if anvil is not None else Anvil(clock)
         self.gate = Gate()
 
     def buildProtocol(self, addr):

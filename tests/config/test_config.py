@@ -160,6 +160,29 @@ def test_listener_inherits_and_overrides(tmp_path):
     assert mx.max_message_size == config.gateway.max_message_size
 
 
+def test_limits_across_sessions(tmp_path):
+    """Rates are COUNT/DURATION or empty; the exempt list keeps relay_ips as a word."""
+    from mailgate.config import RELAY_IPS, Rate
+
+    config = load(
+        tmp_path,
+        PLAIN
+        + "message_rate_per_ip = 5/30s\nlimit_exempt_ips = 192.0.2.0/24\n"
+        + "[limits]\nconnection_rate_per_ip =\nrecipient_rate_per_user = 1000 / 1d\n"
+        + "limit_exempt_ips = relay_ips, 10.0.0.0/8, RELAY_IPS\ngreet_delay = 3s\n",
+    )
+    assert config.limits.connection_rate_per_ip is None
+    assert config.limits.recipient_rate_per_user == Rate(1000, 86400.0)
+    assert config.limits.limit_exempt_ips == (RELAY_IPS, ipaddress.ip_network("10.0.0.0/8"))
+    assert config.limits.greet_delay == 3.0
+    mx = config.listeners[0].limits
+    assert mx.message_rate_per_ip == Rate(5, 30.0)
+    assert mx.limit_exempt_ips == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert mx.recipient_rate_per_user == Rate(1000, 86400.0)  # inherited
+    assert Limits().connection_rate_per_ip == Rate(60, 60.0)
+    assert str(Rate(60, 60.0)) == "60/1m"
+
+
 def test_listener_size_defaults_to_gateway(tmp_path):
     config = load(tmp_path, PLAIN.replace("[listener", "max_message_size = 10M\n\n[listener"))
     assert config.listeners[0].max_message_size == 10 * 1024 * 1024
@@ -370,6 +393,21 @@ BROKEN = [
     (
         "[limits]\nmax_auth_failures = three\n" + LISTENER,
         "FILE: [limits] max_auth_failures: expected an integer, got 'three'",
+    ),
+    (
+        "[limits]\nmessage_rate_per_ip = 60 per minute\n" + LISTENER,
+        "FILE: [limits] message_rate_per_ip: expected a rate like 60/1m (count per duration), or"
+        " empty for no limit, got '60 per minute'",
+    ),
+    (
+        "[limits]\nconnection_rate_per_ip = 0/1m\n" + LISTENER,
+        "FILE: [limits] connection_rate_per_ip: expected a rate like 60/1m (count per duration), or"
+        " empty for no limit, got '0/1m'",
+    ),
+    (
+        "[limits]\nlimit_exempt_ips = relay_ips, 10.0.0.1/8\n" + LISTENER,
+        "FILE: [limits] limit_exempt_ips: expected an address or network like 192.0.2.0/24 or"
+        " 2001:db8::/32, got '10.0.0.1/8' (host bits set: did you mean 10.0.0.0/8?)",
     ),
     (
         "[queue]\nbackend = redis\n" + LISTENER,
@@ -1501,3 +1539,45 @@ def test_config_file_precedence(monkeypatch):
     monkeypatch.setenv("MAILGATE_CONFIG", "/srv/env.ini")
     assert config_file() == "/srv/env.ini"
     assert config_file("given.ini") == "given.ini"
+
+
+# --- secrets readable by anyone (issue 9) ---------------------------------------------------------
+
+
+def test_secret_files_readable_by_others_are_refused(tmp_path):
+    """The TLS key, the DKIM key and a users file with users: owner and group only."""
+    from mailgate.smtp.auth import hash_password
+
+    users = tmp_path / "users"
+    users.write_text("# no users yet: anyone may read this\n")
+    users.chmod(0o644)
+    text = PLAIN.replace("auth = none", "auth = optional").replace("tls = none", "tls = optional")
+    (tmp_path / "c.pem").write_text("x")
+    (tmp_path / "k.pem").write_text("x")
+    text += "[auth]\nusers_file = users\n[tls]\ncertificate = c.pem\nprivate_key = k.pem\n"
+    load(tmp_path, text)  # no secret in the users file yet; the key is 0640 (the tests' umask)
+    users.write_text("alice:%s\n" % hash_password("x"))
+    message = "%s can be read or written by anyone (mode %s): allow its owner and group only (chmod o-rwx %s)"
+    assert error(tmp_path, text) == "FILE: [auth] users_file: " + message % (users, "0644", users)
+    users.chmod(0o640)
+    (tmp_path / "k.pem").chmod(0o604)
+    key = tmp_path / "k.pem"
+    assert error(tmp_path, text) == "FILE: [tls] private_key: " + message % (key, "0604", key)
+    key.chmod(0o602)
+    assert error(tmp_path, text) == "FILE: [tls] private_key: " + message % (key, "0602", key)
+    key.chmod(0o600)
+    dkim = tmp_path / "dkim.key"
+    dkim.write_text("x")
+    dkim.chmod(0o644)
+    dkim_text = text + "[dkim]\nsign_domains = example.com\nselector = s1\nprivate_key = dkim.key\n"
+    assert error(tmp_path, dkim_text) == "FILE: [dkim] private_key: " + message % (dkim, "0644", dkim)
+
+
+def test_passwd_takes_away_what_others_could_read(tmp_path):
+    from mailgate.smtp.auth import set_user
+
+    users = tmp_path / "users"
+    users.write_text("# from a repository checkout\n")
+    users.chmod(0o664)
+    set_user(str(users), "alice@example.com", "secret")
+    assert users.stat().st_mode & 0o777 == 0o660

@@ -179,6 +179,36 @@ class SchedulerTests(unittest.TestCase):
         self.assertEqual(len(self.deliverer.calls), 5)
         self.assertEqual(self.entries(), {})
 
+    def test_disk_full_while_saving_outcomes_retries_without_sending_twice(self):
+        """The state file cannot be written: the round retries, delivered recipients are not
+        sent again, and once space returns the message is done and removed."""
+        from twisted.python.failure import Failure
+
+        self.start()
+        self.deliverer.replies["v@example.com"] = (451, "4.3.0")
+        real = self.spool.save_state
+        full = [True]
+
+        def save_state(queue_id, data):
+            if full[0]:
+                return defer.fail(Failure(OSError(28, "No space left on device")))
+            return real(queue_id, data)
+
+        self.spool.save_state = save_state
+        self.queue(rcpts=("u@example.com", "v@example.com"))
+        self.assertEqual(self.deliverer.calls[0][2], ("u@example.com", "v@example.com"))
+        self.assertEqual(self.entries(), {"Q1": "active"})  # nothing acted on an unsaved outcome
+        self.clock.advance(60)  # the retry of the failed round: still full
+        self.assertEqual(len(self.deliverer.calls), 1)  # the save is retried first, not delivery
+        full[0] = False
+        del self.deliverer.replies["v@example.com"]
+        self.clock.advance(60)
+        self.assertEqual([c[2] for c in self.deliverer.calls],
+                         [("u@example.com", "v@example.com"), ("v@example.com",)])
+        self.clock.advance(300)
+        self.assertEqual(self.entries(), {})
+        self.flushLoggedErrors(OSError)
+
     def test_one_of_three_bounced_gets_one_dsn_and_the_rest_delivered(self):
         self.start()
         self.deliverer.replies["b@remote.example"] = (550, "5.1.1")

@@ -138,6 +138,7 @@ class Gateway:
         self.ports = {}
         self.roles = {}
         self.runs = []  # (stdout lines, stderr lines, returncode) of earlier processes
+        self.twistd_args = []  # twistd's own options, e.g. ["--uid=1001", "--gid=1001"]
         self._events = None
         self._readers = ()
         self._config = None
@@ -182,7 +183,8 @@ class Gateway:
         self.ports, self.roles = {}, {}
         self._events = queue.Queue()
         self.process = subprocess.Popen(
-            TWISTD + ["--nodaemon", "--pidfile=", "mailgate", "--config", self.config_path],
+            TWISTD + ["--nodaemon", "--pidfile="] + list(self.twistd_args)
+            + ["mailgate", "--config", self.config_path],
             cwd=self.directory, env=child_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )

@@ -141,7 +141,8 @@ class HTTPTests(unittest.TestCase):
         with open(tmp, "w"):
             pass
         status, _, body = yield self.get(b"/healthz")
-        self.assertEqual((status, body), (503, b"queue not writable\n"))
+        self.assertEqual((status, body), (503, b"queue not writable: spool %s not writable: Not a "
+                                          b"directory (ENOTDIR)\n" % self.config.queue.path.encode()))
         self.flushLoggedErrors()
 
         os.remove(tmp)

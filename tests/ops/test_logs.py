@@ -22,14 +22,15 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailgate.config import DeliveryConfig, GatewayConfig, LoggingConfig, RouteConfig, TLSConfig
+from mailgate.config import (DeliveryConfig, GatewayConfig, Limits, LoggingConfig, RouteConfig,
+                             TLSConfig)
 from mailgate.delivery.client import Deliverer
 from mailgate.envelope import Hop
 from mailgate.events import EventBus
 from mailgate.ops.logs import LogFile, LogService, encode, iso_time, log_files, rotated_name
 from mailgate.delivery.scheduler import DeliveryService
 from tests.sinks import Sink
-from tests.smtphelp import MemoryQueue, Session
+from tests.smtphelp import MemoryQueue, Session, listener
 from tests.tlsutil import make_ca
 
 START = 1795909581.0  # 2026-11-28T23:46:21Z
@@ -409,7 +410,9 @@ def gateway_day(testcase):
     logs = Logs(testcase, clock=clock).start()
     queue = MemoryQueue()
 
-    s = Session(events=logs.bus, clock=clock, queue=queue)
+    # No delay on the failed AUTH: the day's timeline below is second by second.
+    s = Session(listener(limits=Limits(auth_failure_delay=0.0)), events=logs.bus, clock=clock,
+                queue=queue)
     s.transport.getHandle = _FakeTLS
     assert s.read().startswith("220 ")
     clock.advance(1)

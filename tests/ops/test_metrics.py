@@ -229,6 +229,39 @@ class SessionTests(unittest.TestCase):
         self.assertEqual(self.metrics.recent_timeouts(), 1)
 
 
+    def test_limit_refusals_by_limit(self):
+        """Real sessions over limits across sessions: each refusal is counted under its name."""
+        from mailgate.config import Limits, Rate
+        from mailgate.smtp.anvil import Anvil
+
+        anvil = Anvil(self.clock)
+        config = listener(name="relay", tls="none", auth="none", limits=Limits(
+            max_connections_per_ip=1, message_rate_per_ip=Rate(1, 3600.0), limit_exempt_ips=()))
+
+        def session():
+            s = Session(config, clock=self.clock, events=self.bus)
+            s.factory.anvil = anvil
+            s.proto = s.factory.buildProtocol(None)
+            s.transport.clear()
+            s.proto.makeConnection(s.transport)
+            return s
+
+        s = session()
+        self.assertEqual(session().read(), "421 4.7.0 mx.example.net Too many connections\r\n")
+        s.read()
+        s.cmd("EHLO c.example")
+        self.assertTrue(send_message(s).startswith("250 2.0.0"))
+        self.assertEqual(s.cmd("MAIL FROM:<a@remote.example>"),
+                         "450 4.7.1 Too much mail from 192.0.2.10, try again later\r\n")
+        samples = scrape(self.metrics)
+        self.assertEqual(value(samples, "mailgate_limit_refusals_total",
+                               limit="max_connections_per_ip"), 1)
+        self.assertEqual(value(samples, "mailgate_limit_refusals_total",
+                               limit="message_rate_per_ip"), 1)
+        self.assertEqual(value(samples, "mailgate_messages_rejected_total", listener="relay",
+                               stage="MAIL", severity="temporary", reason="denied"), 1)
+
+
 class ChainVerdictEventTests(unittest.TestCase):
     def make_chain(self, filters, events):
         from tests.filters.test_chain import Runner, make_config

@@ -198,7 +198,54 @@ class SpoolTests(SpoolTestMixin, TestCase):
         os.rmdir(os.path.join(self.path, "tmp"))
         with open(os.path.join(self.path, "tmp"), "w"):
             pass  # a file where the directory should be: fails for root too
-        self.assertIs(self.successResultOf(self.spool.check_writable()), False)
+        why = self.successResultOf(self.spool.check_writable())
+        self.assertEqual(why, "spool %s not writable: Not a directory (ENOTDIR)" % self.path)
+        self.flushLoggedErrors()
+
+
+class DiskFullRunner:
+    """A synchronous runner whose writes fail with ENOSPC (or EIO) while full is set."""
+
+    WRITES = ("_write_entry", "_write_file", "_probe", "_commit")
+
+    def __init__(self):
+        self.full = None  # None, or the errno to fail writes with
+
+    def __call__(self, f, *args):
+        if self.full is not None and f.__name__ in self.WRITES:
+            return defer.fail(OSError(self.full, os.strerror(self.full)))
+        return sync_runner(f, *args)
+
+
+class DiskFullTests(SpoolTestMixin, TestCase):
+    """Writes failing like a full disk: every enqueue fails (never a commit), then recovery."""
+
+    def setUp(self):
+        self.runner = DiskFullRunner()
+        SpoolTestMixin.setUp(self)
+
+    def test_full_disk_fails_every_write_and_says_why_until_space_returns(self):
+        _, kept = self.enqueue()
+        self.runner.full = errno.ENOSPC
+        failure = self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)
+        self.assertEqual(failure.value.errno, errno.ENOSPC)
+        self.assertEqual(self.successResultOf(self.spool.check_writable()),
+                         "spool %s not writable: No space left on device (ENOSPC)" % self.path)
+        self.failureResultOf(self.spool.save_state(kept, b"x"), OSError)
+        self.assertEqual(self.names("active"), [kept])  # nothing half-written appeared
+        self.assertEqual(self.names("tmp"), [])
+        self.runner.full = None  # space is back
+        self.assertEqual(self.successResultOf(self.spool.check_writable()),
+                         "spool %s: the last write failed: No space left on device (ENOSPC)" % self.path)
+        _, second = self.enqueue()
+        self.assertIs(self.successResultOf(self.spool.check_writable()), True)
+        self.assertEqual(sorted(self.names("active")), sorted([kept, second]))
+        self.flushLoggedErrors()
+
+    def test_io_error_too(self):
+        self.runner.full = errno.EIO
+        self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)
+        self.assertIn("Input/output error (EIO)", self.spool.write_error)
         self.flushLoggedErrors()
 
 

@@ -249,6 +249,19 @@ class UsersFileTests(SynchronousTestCase):
         self.assertIsNone(self.authenticate("alice", SECRET))
         self.assertIsNotNone(self.authenticate("bob", SECRET))
 
+    def test_users_readable_by_anyone_are_not_used(self):
+        """A chmod o+r on a file with password hashes: refused, the last good copy kept."""
+        self.write("alice:%s\n" % (SECRET_HASH,))
+        self.assertIsNotNone(self.authenticate("alice", SECRET))
+        os.chmod(self.path, 0o644)
+        self.write("alice:%s\nbob:%s\n" % (SECRET_HASH, SECRET_HASH))
+        os.chmod(self.path, 0o644)
+        self.assertIsNone(self.authenticate("bob", SECRET))
+        [error] = self.errors()
+        self.assertIn("can be read or written by anyone (mode 0644)", error["error"])
+        os.chmod(self.path, 0o640)  # noticed: a chmod changes the file's ctime
+        self.assertIsNotNone(self.authenticate("bob", SECRET))
+
     def test_never_good(self):
         self.assertIsNone(self.authenticate("alice", SECRET))  # missing
         self.write("alice:plain\n")

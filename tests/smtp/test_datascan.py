@@ -76,3 +76,13 @@ class DataScannerTests(unittest.TestCase):
         self.assertTrue(scanner.too_big)
         self.assertEqual(scanner.chunks, [])
         self.assertEqual(scanner.feed(b".\r\n"), b"")
+
+    def test_dot_after_a_bare_lf_is_kept_in_any_chunking(self):
+        """Found by hypothesis (test_properties): only CRLF starts a line, in every chunking."""
+        wire = b"\n.\r\n.\r\nNEXT"
+
+        def check(scanner, rest):
+            self.assertEqual((scanner.message(), rest, scanner.bare_newline),
+                             (b"\n.\r\n", b"NEXT", True))
+
+        every_split(self, wire, check)

@@ -8,8 +8,8 @@ import socket
 import attr
 
 from mailgate.config.schema import Key, _plain
-from mailgate.config.types import (DomainList, Duration, Hostname, Int, NameserverList, Size,
-                                   _hostname)
+from mailgate.config.types import (DomainList, Duration, HeaderPatternList, Hostname, Int,
+                                   NameserverList, Size, _hostname)
 
 
 @attr.s(frozen=True, slots=True)
@@ -26,6 +26,7 @@ class GatewayConfig:
     hostname = attr.ib()
     accepted_domains = attr.ib(default=())  # tuple of lower-case str
     max_message_size = attr.ib(default=35 * 1024 * 1024)
+    strip_headers = attr.ib(default=())  # more header names (or "prefix*") the firewall removes
 
 
 @attr.s(frozen=True, slots=True)
@@ -53,7 +54,8 @@ GATEWAY_KEYS = {
     "accepted_domains": Key(
         DomainList(), "",
         doc="The domains mail is accepted for from anyone (inbound mail).  Exact domains: "
-        "`example.com` does not include `sub.example.com`.  Mail to other domains is relayed "
+        "`example.com` does not include `sub.example.com`.  An internationalised domain may be "
+        "written either way (`bücher.example` is `xn--bcher-kva.example`).  Mail to other domains is relayed "
         "only for authenticated users and `relay_ips`.",
         example="example.com, example.org",
     ),
@@ -62,6 +64,14 @@ GATEWAY_KEYS = {
         doc="The largest message accepted (announced with EHLO `SIZE`); the default for every "
         "listener's `max_message_size`.",
         example="50M",
+    ),
+    "strip_headers": Key(
+        HeaderPatternList(), "",
+        doc="More header fields the header firewall (a listener's `header_firewall`) removes "
+        "from mail received from the internet, besides Exchange's `X-MS-Exchange-Organization-*`, "
+        "`X-MS-Exchange-Forest-*` and `X-MS-Exchange-Transport-*`: names, or prefixes ending in "
+        "`*`.",
+        example="X-MS-Has-Attach, X-Contoso-Internal-*",
     ),
 }
 

@@ -25,6 +25,7 @@ from mailgate.config import (
     FilterSection,
     GatewayConfig,
     Int,
+    LDAPConfig,
     Limits,
     ListenerConfig,
     QueueConfig,
@@ -34,6 +35,7 @@ from mailgate.config import (
     load_config,
     render_config,
 )
+from mailgate.config.delivery import EXCHANGE_HEADERS
 from mailgate.errors import ConfigError
 
 from tests import REPO
@@ -83,7 +85,9 @@ def test_defaults_match_the_config_classes(tmp_path):
     assert listener == ListenerConfig(
         name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none",
         filters=("spf", "dkim", "dmarc", "attachments"),  # the relay default; the attrs one is submission's
+        header_firewall=True,  # a relay listener without relay_ips: mail from the internet
     )
+    assert config.ldap == LDAPConfig()
     assert config.dns == DNSConfig()
     assert config.delivery == DeliveryConfig()
     assert config.routes == ()  # allowed: then every recipient bounces "no route"
@@ -667,7 +671,8 @@ def test_route_defaults(tmp_path):
     config = load(tmp_path, PLAIN + route("in", smarthost="exchange.corp.example") + MX_ROUTE)
     assert config.routes == (
         RouteConfig(name="in", domains=("example.com",), smarthosts=(("exchange.corp.example", 25),)),
-        RouteConfig(name="out", domains=("*",), mx=True, dkim_sign=True),
+        RouteConfig(name="out", domains=("*",), mx=True, dkim_sign=True,
+                    strip_headers=EXCHANGE_HEADERS),
     )
 
 
@@ -1066,7 +1071,8 @@ def test_example_loads():
     assert config.auth.users_file == os.path.join(REPO, "etc", "users")
     assert config.routes == (
         RouteConfig(name="internal", domains=("example.com",), smarthosts=(("127.0.0.1", 2526),)),
-        RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True),
+        RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True,
+                    strip_headers=EXCHANGE_HEADERS),
     )
     assert (config.dns, config.delivery, config.dkim) == (DNSConfig(), DeliveryConfig(), DKIMConfig())
     assert config.tls.ca_file is None

@@ -173,7 +173,8 @@ class GatewayService(service.MultiService):
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
                                   new_queue_id, auth=parts.auth, tls=parts.tls,
-                                  hooks=parts.chains[listener.name], events=self.events)
+                                  hooks=parts.chains[listener.name], events=self.events,
+                                  recipients=parts.recipients_for(listener))
         if self._gate is not None:
             factory.gate = self._gate
         wrapped = factory
@@ -185,7 +186,7 @@ class GatewayService(service.MultiService):
 
     def _apply(self, config, parts, plan):
         """The swap: nothing here can fail on a config, and nothing waits."""
-        self._builder.commit(parts)
+        self._builder.commit(parts, self._parts)
         stopping = []
         for old in plan.removed:
             stopping.append(old.disownServiceParent())
@@ -198,6 +199,7 @@ class GatewayService(service.MultiService):
             factory.hooks = parts.chains[listener.name]
             factory.tls = parts.tls
             factory.auth = parts.auth
+            factory.recipients = parts.recipients_for(listener)
             listener_service.config = config
             listener_service.listener = listener
             listener_service.name = "listener:" + listener.name  # renamed, maybe

@@ -11,11 +11,13 @@ sender would bounce mail to a real user) and never an accept (it would be backsc
 """
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailgate.directory.cache import TTLCache
 from mailgate.directory.client import fill
 from mailgate.envelope import Reply
 from mailgate.idn import a_label, u_label
+from mailgate.interfaces import IRecipientValidator
 
 log = Logger()
 
@@ -29,8 +31,12 @@ def unavailable_reply(address):
                                "unavailable, try again later" % (address,))
 
 
+@implementer(IRecipientValidator)
 class RecipientValidator:
-    """known(address) -> Deferred[bool], through the cache; DirectoryError when unsure."""
+    """
+    known(address) -> Deferred[bool], through the cache; DirectoryError when unsure.  check() is
+    the listener's IRecipientValidator: None, or the 550 5.1.1 refusal.
+    """
 
     def __init__(self, client, config, clock):
         self.client = client
@@ -49,9 +55,9 @@ class RecipientValidator:
         d = self.client.search(text, attributes=("1.1",), size_limit=1)
         return d.addCallback(lambda entries: bool(entries))
 
-    def reply(self, address, known):
-        """The refusal for an address the directory does not know, or None."""
-        return None if known else unknown_reply(address)
+    def check(self, address):
+        d = self.known(str(address))
+        return d.addCallback(lambda known: None if known else unknown_reply(address))
 
 
 def _key(address):

@@ -22,6 +22,7 @@ from mailgate.smtp import address, policy, replies, sasl
 from mailgate.smtp.datascan import DataScanner
 from mailgate.smtp.gate import Gate
 from mailgate.smtp.handoff import hand_off, scan_problem
+from mailgate.smtp.recipients import check as check_recipient
 from mailgate.smtp.replies import (
     AUTH_BAD, AUTH_FIRST, AUTH_NEEDS_TLS, AUTH_OK, AUTH_TEMP, BAD_CHAR, BAD_SEQUENCE_HELO,
     LINE_TOO_LONG, NEED_MAIL, NESTED_MAIL, NO_RCPT, OK, TEMP_FAIL, TLS_FIRST, TOO_BIG,
@@ -476,7 +477,10 @@ class SMTPServer(smtp.ESMTP):
                 self.recipients.append(rcpt)
             self._reply(replies.RECIPIENT_OK)
 
-        return self._then(self._hook("on_rcpt", recipient), accept)
+        def validated(refused):  # a listener's recipients = ldap: before the filters' say
+            return refused if refused is not None else self._hook("on_rcpt", recipient)
+
+        return self._then(check_recipient(self.factory, recipient).addCallback(validated), accept)
 
     def _postmaster_domain(self):
         domains = self.factory.gateway.accepted_domains
@@ -597,7 +601,7 @@ class SMTPFactory(protocol.ServerFactory):
     noisy = False  # mailgate logs its own listener events
 
     def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
-                 events=None):
+                 events=None, recipients=None):
         self.listener = listener
         self.gateway = gateway
         self.clock = clock
@@ -607,6 +611,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.tls = tls
         self.hooks = hooks
         self.events = events  # a mailgate.events.EventBus, or None
+        self.recipients = recipients  # an IRecipientValidator for recipients = ldap, or None
         self.gate = Gate()
 
     def buildProtocol(self, addr):

@@ -10,7 +10,8 @@ from mailgate.config.types import (Bool, Choice, Duration, DurationList, DomainL
                                    HeaderPatternList, HostList, Int, Label, Path, Port,
                                    RouteDomains, SecretFile, Text)
 
-# Exchange's internal header fields: never for the internet (inbound or outbound).
+# Exchange's internal header fields: never for the internet (inbound or outbound; see
+# mailgate.headerfirewall).
 EXCHANGE_HEADERS = ("x-ms-exchange-organization-*", "x-ms-exchange-forest-*",
                     "x-ms-exchange-transport-*")
 

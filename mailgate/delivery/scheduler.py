@@ -22,6 +22,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from mailgate import headerfirewall
 from mailgate.delivery import bounce
 from mailgate.envelope import Envelope, RecipientResult
 from mailgate.errors import RoutingError
@@ -336,9 +337,20 @@ class DeliveryService(service.Service):
             outcome = "bounced" if e.permanent else "deferred"
             code = 550 if e.permanent else 451
             return [RecipientResult(r, outcome, code, e.status, e.text) for r in rcpts]
+        data = self._strip(queue_id, data, route)
         signature = yield self._signature(queue_id, data, msg, route)
         results = yield self.deliverer.deliver(route, hops, envelope.sender, rcpts, signature + data)
         return results
+
+    def _strip(self, queue_id, data, route):
+        """The route's strip_headers removed (Exchange's internal fields, for the internet)."""
+        data, removed = headerfirewall.strip(data, route.strip_headers)
+        if removed:
+            log.info("{queue_id} route={route}: removed {count} header field(s): {names}",
+                     queue_id=queue_id, route=route.name, count=sum(removed.values()),
+                     names=", ".join("%s x%d" % item for item in sorted(removed.items())),
+                     removed=removed)
+        return data
 
     @defer.inlineCallbacks
     def _signature(self, queue_id, data, msg, route):

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailgate.envelope import Envelope, Reply
+from mailgate.headerfirewall import inbound_patterns
 from mailgate.errors import ReplyError
 from mailgate.session import Session
 from mailgate.smtp import address, chunking, policy, replies, sasl
@@ -545,7 +546,9 @@ class SMTPServer(smtp.ESMTP):
         envelope = self._envelope(scanner.size)
         message = scanner.message()
         d = self._hook("on_data", envelope, message)
-        d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message, result))
+        strip = inbound_patterns(self.listener, self.factory.gateway)
+        d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message,
+                                              result, strip))
         d.addCallback(self._handed_off)
         d.addErrback(self._queue_failed, envelope)
         d.addBoth(self._after_message)

@@ -152,6 +152,19 @@ class SchedulerTests(unittest.TestCase):
             self.assertTrue(data.startswith(b"DKIM-Signature: v=1; d=sender.example; b=fake\r\n" + BODY[:5]))
         self.assertEqual(self.signer.calls, 1)
 
+    def test_route_strip_headers_go_before_signing(self):
+        self.start()
+        route = attr.evolve(MX_ROUTE, strip_headers=("x-ms-exchange-organization-*",))
+        self.router.route_for = lambda domain: route
+        signed = []
+        self.signer.sign = lambda data: signed.append(data) or defer.succeed(b"DKIM-Signature: x\r\n")
+        envelope = Envelope(queue_id="Q1", sender="a@sender.example", recipients=("u@remote.example",),
+                            client_ip="10.0.0.1", received_at=self.clock.seconds())
+        internal = b"X-MS-Exchange-Organization-SCL: -1\r\n"
+        self.successResultOf(self.spool.enqueue(envelope, internal + BODY))
+        self.assertEqual(signed, [BODY])
+        self.assertEqual(self.deliverer.calls[0][3], b"DKIM-Signature: x\r\n" + BODY)
+
     def test_smarthost_route_without_dkim_sign_is_not_signed(self):
         self.start()
         self.queue(rcpts=("w@example.com",))

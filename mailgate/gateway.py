@@ -172,14 +172,16 @@ class GatewayService(service.MultiService):
 
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
-                                  new_queue_id, auth=parts.auth, tls=parts.tls,
+                                  new_queue_id, auth=parts.auth, tls=parts.tls_for(listener),
                                   hooks=parts.chains[listener.name], events=self.events,
-                                  recipients=parts.recipients_for(listener))
+                                  recipients=parts.recipients_for(listener),
+                                  client_certs=parts.client_certs_for(listener))
         if self._gate is not None:
             factory.gate = self._gate
         wrapped = factory
         if listener.tls == "implicit":
-            wrapped = tls_factory(self._builder.current_tls, factory, self._builder.reactor)
+            wrapped = tls_factory(self._builder.current_tls.of(listener.name), factory,
+                                  self._builder.reactor)
         endpoint = endpoints.serverFromString(self._builder.reactor, listener.endpoint)
         return ListenerService(config, listener, endpoint, wrapped, self._builder.local_addresses,
                                smtp_factory=factory)
@@ -197,7 +199,8 @@ class GatewayService(service.MultiService):
             factory.listener = listener
             factory.gateway = config.gateway
             factory.hooks = parts.chains[listener.name]
-            factory.tls = parts.tls
+            factory.tls = parts.tls_for(listener)
+            factory.client_certs = parts.client_certs_for(listener)
             factory.auth = parts.auth
             factory.recipients = parts.recipients_for(listener)
             listener_service.config = config

@@ -39,6 +39,15 @@ class _Parts:
         self.deliverer = deliverer  # None: keep the one given to build_service
         self.users_path = users_path
         self.users = users  # the users file backend (also when inside a Chain), or None
+        self.listener_tls = {}  # listener name -> options asking for client certificates
+        self.client_certs = {}  # listener name -> mailgate.smtp.clientcert.ClientCertificates
+
+    def tls_for(self, listener):
+        """The TLS options of a listener: its own when it asks for client certificates."""
+        return self.listener_tls.get(listener.name, self.tls)
+
+    def client_certs_for(self, listener):
+        return self.client_certs.get(listener.name)
 
     def recipients_for(self, listener):
         """The IRecipientValidator of a listener with recipients = ldap, else None."""
@@ -91,12 +100,15 @@ class _Builder:
 
             deliverer = Deliverer(self.reactor, config.gateway.hostname, config.delivery, config.tls,
                                   events=self.events)
-        return _Parts(config, resolver, tls, auth, chains, signer, deliverer, users_path,
-                      directory, users)
+        parts = _Parts(config, resolver, tls, auth, chains, signer, deliverer, users_path,
+                       directory, users)
+        parts.listener_tls, parts.client_certs = _client_certificates(config)
+        return parts
 
     def commit(self, parts, previous=None):
         if parts.tls is not None:
             self.current_tls.options = parts.tls
+        self.current_tls.by_listener = dict(parts.listener_tls)
         if previous is not None and previous.directory not in (None, parts.directory):
             previous.directory.close()  # its sessions reconnect to it if they still ask
 
@@ -202,6 +214,26 @@ def _prepare_spool_dir(config):
         raise ConfigError(config.path, "queue", "path", "cannot create %s: %s" % (path, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(config.path, "queue", "path", "not writable: %s" % (path,))
+
+
+def _client_certificates(config):
+    """({listener: TLS options asking for certificates}, {listener: ClientCertificates})."""
+    options, certificates = {}, {}
+    for listener in config.listeners:
+        if not listener.relay_client_certs or listener.tls == "none":
+            continue
+        from mailgate.smtp.clientcert import ClientCertificates
+
+        try:
+            certs = ClientCertificates(listener.relay_client_certs, config.tls.client_ca_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(config.path, "tls", "client_ca_file",
+                              "cannot load the CA certificates in %s: %s"
+                              % (config.tls.client_ca_file, getattr(e, "strerror", None) or e))
+        own = mailtls.server_context_factory(config.tls, config.path)  # not shared: changed here
+        options[listener.name] = certs.server_options(own, b"mailgate-" + listener.name.encode())
+        certificates[listener.name] = certs
+    return options, certificates
 
 
 def _tls_options(config):

@@ -19,7 +19,7 @@ from mailgate.envelope import Envelope, Reply
 from mailgate.headerfirewall import inbound_patterns
 from mailgate.errors import ReplyError
 from mailgate.session import Session
-from mailgate.smtp import address, chunking, policy, replies, sasl
+from mailgate.smtp import address, chunking, clientcert, policy, replies, sasl
 from mailgate.smtp import params as esmtp
 from mailgate.smtp.datascan import DataScanner
 from mailgate.smtp.gate import Gate
@@ -70,6 +70,8 @@ class SMTPServer(smtp.ESMTP):
         self.esmtp = False
         self.tls = factory.listener.tls == "implicit"
         self.user = None
+        self.cert_name = None  # the relay_client_certs name a client certificate proved
+        self._cert_checked = False
         self.session = None
         self._reset_transaction()
 
@@ -388,7 +390,12 @@ class SMTPServer(smtp.ESMTP):
         self.helo = None
         self.esmtp = False
         self.user = None
+        self.cert_name, self._cert_checked = None, False
         self._reset_transaction()
+
+    def trusted(self):
+        """May relay anywhere: authenticated, or a client certificate of relay_client_certs."""
+        return self.user is not None or clientcert.permitted(self) is not None
 
     def _tls_missing(self):
         return self.listener.tls == "required" and not self.tls
@@ -488,7 +495,7 @@ class SMTPServer(smtp.ESMTP):
         if len(self.recipients) >= self.listener.max_recipients:
             return self._answer(TOO_MANY_RCPTS)
         refused = policy.recipient_reply(self.listener, self.factory.gateway, self.client_ip,
-                                         self.user is not None, recipient)
+                                         self.trusted(), recipient)
         if refused is not None:
             return self._answer(refused)
         rcpt = str(recipient) if recipient.domain else "postmaster@" + self._postmaster_domain()
@@ -642,7 +649,7 @@ class SMTPFactory(protocol.ServerFactory):
     noisy = False  # mailgate logs its own listener events
 
     def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
-                 events=None, recipients=None):
+                 events=None, recipients=None, client_certs=None):
         self.listener = listener
         self.gateway = gateway
         self.clock = clock
@@ -653,6 +660,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.hooks = hooks
         self.events = events  # a mailgate.events.EventBus, or None
         self.recipients = recipients  # an IRecipientValidator for recipients = ldap, or None
+        self.client_certs = client_certs  # a clientcert.ClientCertificates, or None
         self.gate = Gate()
 
     def buildProtocol(self, addr):

@@ -151,6 +151,7 @@ class RecipientResult:
     remote = attr.ib(default=None)
     tls = attr.ib(default=None)
     session = attr.ib(default=None)  # id of the outbound SMTP session that gave the reply, if any
+    dsn = attr.ib(default=False)  # the hop offered DSN: delivery notices are its business now
 
     @property
     def final(self):

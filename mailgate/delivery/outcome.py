@@ -113,11 +113,11 @@ class _Outcome:
     tls_failed = attr.ib(default=False)
 
 
-def session_result(recipient, outcome, reason, hop, tls, session):
+def session_result(recipient, outcome, reason, hop, tls, session, dsn=False):
     """A recipient's RecipientResult from a reply in an SMTP session with hop."""
     return RecipientResult(
         recipient, outcome, reason.code, reason.status, reason.text,
-        remote=hop, tls=tls, session=session,
+        remote=hop, tls=tls, session=session, dsn=dsn,
     )
 
 

@@ -12,7 +12,8 @@ negative_cache_ttl); the password itself is never cached: every AUTH is a bind.
 Chain asks backends in order until one knows the user (the users file, then the directory, or
 the other way round); a backend that fails (directory down) is passed over, and when nobody
 authenticated the user the first failure is what AUTH reports (454 4.7.0: try again), never a
-wrong password.  An LDAP user also gets the senders the users file grants to the same name.
+wrong password.  An LDAP user also gets the senders the users file grants to it, under the name
+it logged in with, its userPrincipalName or its sAMAccountName (the first one the file has).
 
 The brute-force limits (failed AUTHs per connection and per client) wrap IAuthBackend, so they
 apply to these as to the users file.
@@ -32,6 +33,7 @@ from mailgate.interfaces import IAuthBackend, IUser
 log = Logger()
 
 SENDER_ATTRIBUTES = ("mail", "proxyAddresses")
+NAME_ATTRIBUTES = ("userPrincipalName", "sAMAccountName")  # how the users file may name the user
 
 
 def senders_of(entry):
@@ -59,7 +61,8 @@ class DirectoryUser:
     name = attr.ib()
     dn = attr.ib()
     senders = attr.ib(converter=tuple)  # canonical addresses (A-label domain, lower case)
-    grants = attr.ib(default=None)  # an IUser of the users file for the same name, or None
+    grants = attr.ib(default=None)  # an IUser of the users file for the same user, or None
+    names = attr.ib(default=(), converter=tuple)  # the name given, then UPN and sAMAccountName
 
     def may_send_as(self, address):
         if address and canonical_address(address) in self.senders:
@@ -85,11 +88,12 @@ class LDAPAuth:
         ok = yield self.client.check_password(entry.dn, password)
         if not ok:
             return None
-        return DirectoryUser(username, entry.dn, senders_of(entry))
+        names = [username] + [v for a in NAME_ATTRIBUTES for v in entry.values(a) if v != username]
+        return DirectoryUser(username, entry.dn, senders_of(entry), names=names)
 
     def _find(self, key):
-        d = self.client.search(fill(self.template, key), attributes=SENDER_ATTRIBUTES,
-                               size_limit=2)
+        d = self.client.search(fill(self.template, key),
+                               attributes=SENDER_ATTRIBUTES + NAME_ATTRIBUTES, size_limit=2)
 
         def found(entries):
             if len(entries) > 1:
@@ -125,9 +129,11 @@ class Chain:
             if user is None:
                 continue
             if self.grants is not None and isinstance(user, DirectoryUser):
-                granted = yield self.grants.user_grants(username)
-                if granted is not None:
-                    user = attr.evolve(user, grants=granted)
+                for name in user.names or (username,):  # whichever name the file uses
+                    granted = yield self.grants.user_grants(name)
+                    if granted is not None:
+                        user = attr.evolve(user, grants=granted)
+                        break
             return user
         if failures:
             failures[0].raiseException()

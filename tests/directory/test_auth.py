@@ -111,6 +111,12 @@ class TestChain(unittest.TestCase):
         with self.assertRaises(DirectoryError):
             await chain.authenticate("bob", "bob-pw")  # not in the file: unsure, not wrong
 
+    async def test_grants_found_under_the_sam_account_name_whatever_the_login(self):
+        chain = Chain([self.ldap(), self.file], grants=self.file)
+        alice = await chain.authenticate("alice@corp.contoso.test", "alice-pw")
+        self.assertEqual(alice.names, ("alice@corp.contoso.test", "alice"))
+        self.assertTrue(alice.may_send_as("anyone@partner.test"))
+
 
 class TestChainOrder(unittest.TestCase):
     def test_first_backend_that_knows_the_user_wins(self):

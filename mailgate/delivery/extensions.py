@@ -27,7 +27,7 @@ import re
 import attr
 
 from mailgate.delivery.outcome import _Reason, _label
-from mailgate.idn import a_label
+from mailgate.idn import ascii_address
 from mailgate.smtp.params import orcpt_for_next_hop, xtext_encode
 
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
@@ -62,16 +62,6 @@ class Plan:
         return self.rcpts[recipient]
 
 
-def _ascii_form(address):
-    """address with an A-label domain, or None when its local part is not ASCII."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return address if address.isascii() else None
-    if not local.isascii():
-        return None
-    return "%s@%s" % (local, a_label(domain))
-
-
 def eight_bit(data):
     return _EIGHT_BIT.search(data) is not None
 
@@ -95,7 +85,7 @@ def plan_transaction(items, transfer, sender, recipients, data, hop, chunking=Tr
     wire_sender = sender
     needs_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
     if needs_utf8 and not utf8:
-        wire_sender = _ascii_form(sender)
+        wire_sender = ascii_address(sender)
         if wire_sender is None:
             reason = _Reason(550, "5.6.7", "%s does not offer SMTPUTF8, needed for the "
                              "non-ASCII sender <%s>" % (_label(hop), sender))
@@ -113,7 +103,7 @@ def plan_transaction(items, transfer, sender, recipients, data, hop, chunking=Tr
     mail = b"MAIL FROM:<" + wire_sender.encode("utf-8") + b">" + b"".join(b" " + p for p in params)
     rcpts = {}
     for recipient in recipients:
-        wire = recipient if utf8 or recipient.isascii() else _ascii_form(recipient)
+        wire = recipient if utf8 or recipient.isascii() else ascii_address(recipient)
         if wire is None:
             refused[recipient] = _Reason(553, "5.6.7", "%s does not offer SMTPUTF8, needed for "
                                          "the non-ASCII recipient <%s>" % (_label(hop), recipient))

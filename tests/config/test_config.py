@@ -1115,14 +1115,24 @@ def test_readme_exchange_example_loads(tmp_path):
     pem, _ = generate_key("rsa", 2048)
     write_key(str(tmp_path / "dkim.key"), pem)
     (tmp_path / "users").write_text("")
+    (tmp_path / "ldap.password").write_text("secret\n")
     text = (text.replace("/etc/mailgate/tls/mx1.contoso.example.pem", cert)
             .replace("/etc/mailgate/tls/mx1.contoso.example.key", key)
+            .replace("/etc/mailgate/tls/corp-ca.pem", ca.ca_path)
+            .replace("/etc/mailgate/tls/public-cas.pem", ca.ca_path)
+            .replace("/etc/mailgate/ldap.password", str(tmp_path / "ldap.password"))
             .replace("/etc/mailgate/users", str(tmp_path / "users"))
             .replace("/etc/mailgate/dkim/mg2026.contoso.example.key", str(tmp_path / "dkim.key")))
     config = load(tmp_path, text)
-    assert [l.name for l in config.listeners] == ["internet", "exchange", "submission"]
+    assert [l.name for l in config.listeners] == ["internet", "exchange", "partners", "submission"]
+    assert [l.recipients for l in config.listeners] == ["ldap", "any", "any", "any"]
+    assert [l.header_firewall for l in config.listeners] == [True, False, True, False]
+    assert config.listeners[2].relay_client_certs == ("mail.protection.outlook.com",)
+    assert config.auth.backend == ("ldap", "file")
+    assert len(config.ldap.servers) == 2 and "userAccountControl" in config.ldap.user_filter
     assert [r.name for r in config.routes] == ["exchange", "internet"]
     assert config.routes[1].dkim_sign and not config.routes[0].dkim_sign
+    assert config.routes[1].strip_headers and not config.routes[0].strip_headers
 
 
 # --- filters: [listener:NAME] filters, [filters], [filter:NAME], [spf], [dmarc], [attachments] ---

@@ -7,7 +7,7 @@ import pytest
 
 from mailgate.config import LDAPServer, load_config, render_config
 from mailgate.config.delivery import EXCHANGE_HEADERS
-from mailgate.errors import ConfigError
+from tests.config.test_config import error, load
 
 BASE = """\
 [gateway]
@@ -26,23 +26,6 @@ LDAP = """\
 uri = ldap://dc1.corp.example, ldaps://[2001:db8::10], ldap://192.0.2.10:3389
 base_dn = DC=corp,DC=example
 """
-
-
-def write(tmp_path, text):
-    path = tmp_path / "mailgate.ini"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def load(tmp_path, text):
-    return load_config(write(tmp_path, text))
-
-
-def error(tmp_path, text):
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return str(info.value).replace(path, "FILE")
 
 
 def test_ldap_servers_in_order_with_default_ports(tmp_path):

@@ -89,6 +89,31 @@ class Envelope:
     size = attr.ib(default=0)
     body = attr.ib(default="7BIT")
     verdicts = attr.ib(default=(), converter=lambda v: tuple(tuple(x) for x in v))  # (filter, action)
+    # SMTPUTF8 (RFC 6531): the client asked for it; addresses and headers may be UTF-8.
+    smtputf8 = attr.ib(default=False)
+    # DSN (RFC 3461): RET ("FULL", "HDRS" or None), ENVID (decoded text or None), and per
+    # recipient (recipient, NOTIFY words or None when not given, ORCPT "type;address" or None).
+    ret = attr.ib(default=None)
+    envid = attr.ib(default=None)
+    dsn = attr.ib(default=(), converter=lambda v: tuple(
+        (r, tuple(n) if n is not None else None, o) for r, n, o in v))
+
+    def notify(self, recipient):
+        """The NOTIFY words for recipient; without NOTIFY, RFC 3461's default FAILURE, DELAY."""
+        for r, notify, _ in self.dsn:
+            if r == recipient and notify is not None:
+                return notify
+        return ("FAILURE", "DELAY")
+
+    def notify_given(self, recipient):
+        """Whether the client said NOTIFY for recipient (then the next hop is told it too)."""
+        return any(r == recipient and n is not None for r, n, _ in self.dsn)
+
+    def orcpt(self, recipient):
+        for r, _, orcpt in self.dsn:
+            if r == recipient:
+                return orcpt
+        return None
 
     def to_json(self):
         return json.dumps(attr.asdict(self), sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -126,6 +151,7 @@ class RecipientResult:
     remote = attr.ib(default=None)
     tls = attr.ib(default=None)
     session = attr.ib(default=None)  # id of the outbound SMTP session that gave the reply, if any
+    dsn = attr.ib(default=False)  # the hop offered DSN: delivery notices are its business now
 
     @property
     def final(self):

@@ -105,10 +105,13 @@ class GatewayService(service.MultiService):
             self.certificate_watch.watch(self.config.tls)
 
     def _certificate_renewed(self, options):
-        self._parts.tls = options
+        old, self._parts.tls = self._parts.tls, options
         self._builder.current_tls.options = options  # implicit-TLS listeners
         for factory in self.factories:  # STARTTLS
-            factory.tls = options
+            # A listener asking for client certificates has options of its own (relay_client_
+            # certs): those take a renewed certificate on the next reload.
+            if factory.tls is old:
+                factory.tls = options
 
     _queue_ready = False
 
@@ -260,14 +263,17 @@ class GatewayService(service.MultiService):
 
     def _listener_service(self, config, listener, parts):
         factory = ListenerFactory(listener, config.gateway, self._builder.reactor, self.queue,
-                                  new_queue_id, auth=parts.auth, tls=parts.tls,
+                                  new_queue_id, auth=parts.auth, tls=parts.tls_for(listener),
                                   hooks=parts.chains[listener.name], events=self.events,
-                                  anvil=self._builder.anvil)
+                                  anvil=self._builder.anvil,
+                                  recipients=parts.recipients_for(listener),
+                                  client_certs=parts.client_certs_for(listener))
         if self._gate is not None:
             factory.gate = self._gate
         wrapped = factory
         if listener.tls == "implicit":
-            wrapped = tls_factory(self._builder.current_tls, factory, self._builder.reactor)
+            wrapped = tls_factory(self._builder.current_tls.of(listener.name), factory,
+                                  self._builder.reactor)
         if self.adopted is not None:
             fd, family = self.adopted[listener.name]
             endpoint = AdoptedEndpoint(self._builder.reactor, fd, family)
@@ -281,7 +287,7 @@ class GatewayService(service.MultiService):
 
     def _apply(self, config, parts, plan):
         """The swap: nothing here can fail on a config, and nothing waits."""
-        self._builder.commit(parts)
+        self._builder.commit(parts, self._parts)
         stopping = []
         for old in plan.removed:
             stopping.append(old.disownServiceParent())
@@ -292,8 +298,10 @@ class GatewayService(service.MultiService):
             factory.listener = listener
             factory.gateway = config.gateway
             factory.hooks = parts.chains[listener.name]
-            factory.tls = parts.tls
+            factory.tls = parts.tls_for(listener)
+            factory.client_certs = parts.client_certs_for(listener)
             factory.auth = parts.auth
+            factory.recipients = parts.recipients_for(listener)
             listener_service.config = config
             listener_service.listener = listener
             listener_service.name = "listener:" + listener.name  # renamed, maybe

@@ -69,6 +69,17 @@ class IAuthBackend(Interface):
         """Fires with an IUser when the credentials are right, None when they are not."""
 
 
+class IRecipientValidator(Interface):
+    """Says at RCPT time whether an address of an accepted domain exists (a listener's recipients)."""
+
+    def check(address):
+        """
+        address: a mailgate.envelope.Address of an accepted domain.  Fires with None when it is
+        known, or with the Reply refusing it (550 5.1.1); errbacks when the answer cannot be had
+        now (the client is told 451 4.4.3, never a rejection).
+        """
+
+
 class IUser(Interface):
     name = Attribute("The username (str) as given to AUTH")
 

@@ -28,8 +28,10 @@ log = Logger()
 class _Parts:
     """What one configuration is made of, built before a reload swaps anything."""
 
-    def __init__(self, config, resolver, tls, auth, chains, signer, deliverer, users_path):
+    def __init__(self, config, resolver, tls, auth, chains, signer, deliverer, users_path,
+                 directory=None, users=None):
         self.config = config
+        self.directory = directory  # a mailgate.directory.Directory when [ldap] is used
         self.resolver = resolver
         self.tls = tls  # CertificateOptions, or None when no listener uses TLS
         self.auth = auth
@@ -37,6 +39,22 @@ class _Parts:
         self.signer = signer
         self.deliverer = deliverer  # None: keep the one given to build_service
         self.users_path = users_path
+        self.users = users  # the users file backend (also when inside a Chain), or None
+        self.listener_tls = {}  # listener name -> options asking for client certificates
+        self.client_certs = {}  # listener name -> mailgate.smtp.clientcert.ClientCertificates
+
+    def tls_for(self, listener):
+        """The TLS options of a listener: its own when it asks for client certificates."""
+        return self.listener_tls.get(listener.name, self.tls)
+
+    def client_certs_for(self, listener):
+        return self.client_certs.get(listener.name)
+
+    def recipients_for(self, listener):
+        """The IRecipientValidator of a listener with recipients = ldap, else None."""
+        if listener.recipients == "ldap" and self.directory is not None:
+            return self.directory.recipients
+        return None
 
 
 class _Builder:
@@ -70,7 +88,8 @@ class _Builder:
         resolver = self._resolver(config, previous)
         context = FilterContext(config, self.reactor, resolver, self.run, events=self.events)
         tls = _tls_options(config)
-        auth, users_path = self._auth(config, previous)
+        directory = self._directory(config, resolver, previous)
+        auth, users, users_path = self._auth(config, previous, directory)
         chains = {listener.name: self.hooks if self.hooks is not None else build_chain(listener, context)
                   for listener in config.listeners}
         signer = None
@@ -84,11 +103,31 @@ class _Builder:
 
             deliverer = Deliverer(self.reactor, config.gateway.hostname, config.delivery, config.tls,
                                   events=self.events)
-        return _Parts(config, resolver, tls, auth, chains, signer, deliverer, users_path)
+        parts = _Parts(config, resolver, tls, auth, chains, signer, deliverer, users_path,
+                       directory, users)
+        parts.listener_tls, parts.client_certs = _client_certificates(config)
+        return parts
 
-    def commit(self, parts):
+    def commit(self, parts, previous=None):
         if parts.tls is not None:
             self.current_tls.options = parts.tls
+        self.current_tls.by_listener = dict(parts.listener_tls)
+        if previous is not None and previous.directory not in (None, parts.directory):
+            previous.directory.close()  # its sessions reconnect to it if they still ask
+
+    def _directory(self, config, resolver, previous):
+        """The Directory when a listener or AUTH uses [ldap] (kept on a reload that leaves it)."""
+        uses = "ldap" in config.auth.backend or any(
+            listener.recipients == "ldap" for listener in config.listeners)
+        if not uses or not config.ldap.servers:
+            return None
+        from mailgate.directory import Directory, read_bind_password
+
+        if (previous is not None and previous.directory is not None
+                and previous.config.ldap == config.ldap
+                and read_bind_password(config) == previous.directory.client.bind_password):
+            return previous.directory
+        return Directory(config, self.reactor, resolver)
 
     def router(self, parts):
         from mailgate.delivery.routing import Router
@@ -109,17 +148,37 @@ class _Builder:
             resolver = TimedResolver(resolver, self.events, self.reactor)  # "dns" events: metrics
         return resolver
 
-    def _auth(self, config, previous):
-        """(IAuthBackend or None, users file path or None)."""
+    def _auth(self, config, previous, directory=None):
+        """
+        (IAuthBackend or None, the users file backend or None, its path or None): [auth]
+        backend, in its order.
+        """
         if self.auth is not None:
-            return self.auth, None
+            return self.auth, None, None
+        users, path = None, None
+        if "file" in config.auth.backend:
+            users, path = self._users_file(config, previous)
+        backends = []
+        for name in config.auth.backend:
+            if name == "file" and users is not None:
+                backends.append(users)
+            elif name == "ldap" and directory is not None:
+                backends.append(directory.auth)
+        if len(backends) <= 1:
+            return (backends[0] if backends else None), users, path
+        from mailgate.directory import Chain
+
+        return Chain(backends, grants=users), users, path
+
+    def _users_file(self, config, previous):
+        """(the UsersFile backend or None, its path or None)."""
         path = config.auth.users_file
         if path is None:
             return None, None
-        if previous is not None and previous.users_path == path and previous.auth is not None:
+        if previous is not None and previous.users_path == path and previous.users is not None:
             # The same file: the backend re-reads it whenever it changes, and keeps the last good
             # copy when a change breaks it.
-            return previous.auth, path
+            return previous.users, path
         from mailgate.smtp.auth import UsersFile
 
         if previous is not None:
@@ -156,6 +215,26 @@ def _prepare_spool_dir(config):
         raise ConfigError(config.path, "queue", "path", "cannot create %s: %s" % (path, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(config.path, "queue", "path", "not writable: %s" % (path,))
+
+
+def _client_certificates(config):
+    """({listener: TLS options asking for certificates}, {listener: ClientCertificates})."""
+    options, certificates = {}, {}
+    for listener in config.listeners:
+        if not listener.relay_client_certs or listener.tls == "none":
+            continue
+        from mailgate.smtp.clientcert import ClientCertificates
+
+        try:
+            certs = ClientCertificates(listener.relay_client_certs, config.tls.client_ca_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(config.path, "tls", "client_ca_file",
+                              "cannot load the CA certificates in %s: %s"
+                              % (config.tls.client_ca_file, getattr(e, "strerror", None) or e))
+        own = mailtls.server_context_factory(config.tls, config.path)  # not shared: changed here
+        options[listener.name] = certs.server_options(own, b"mailgate-" + listener.name.encode())
+        certificates[listener.name] = certs
+    return options, certificates
 
 
 def _tls_options(config):

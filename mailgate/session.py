@@ -54,8 +54,11 @@ class Session:
 
     @property
     def relay_allowed(self):
-        """Authenticated, or a client in relay_ips (e.g. the internal Exchange servers)."""
-        return policy.may_relay(self._server.listener, self.client_ip, self._server.user is not None)
+        """
+        Authenticated, a client certificate of relay_client_certs, or a client in relay_ips (e.g.
+        the internal Exchange servers).
+        """
+        return policy.may_relay(self._server.listener, self.client_ip, self._server.trusted())
 
     @property
     def sender(self):

@@ -13,7 +13,9 @@ separate gateway process alike.  Standard library only; no Twisted, no mailgate.
 Each message is a dict: mail_from (str, "" for <>), rcpt_to (the accepted recipients), data (raw
 bytes between the 354 and the final ".CRLF", as received: dot-stuffed), message (unstuffed),
 tls (protocol version or None), auth ((user, password) or None), helo, client_cert (the CN of a
-verified client certificate, when the sink asked for one), connection (its index, from 0).
+verified client certificate, when the sink asked for one), connection (its index, from 0),
+mail_params (the text after MAIL's path, "" for none), rcpt_params ({address: text after the
+path}), via ("DATA" or "BDAT") and chunks (the sizes of the BDAT chunks).
 Only transactions answered 2xx after the final dot are in messages; every DATA transaction is in
 transactions.  sink.connections counts accepted connections; sink.commands lists (connection,
 line) for every command line received (not DATA lines), sink.commands_of(i) those of one
@@ -37,6 +39,10 @@ connection, later ones use the base behaviour):
                                       credentials; (user, password): accept only those (535 else)
     auth_mechanisms="PLAIN LOGIN"
     auth_needs_tls=False              advertise AUTH only inside TLS
+    eightbitmime=True                 advertise 8BITMIME
+    smtputf8=False, dsn=False         advertise SMTPUTF8, DSN (their parameters are accepted either
+                                      way and recorded in mail_params / rcpt_params)
+    chunking=False                    advertise CHUNKING and take BDAT (always understood)
     mail_reply=(250, "2.1.0 Ok")
     rcpt={"addr": (550, "5.1.1 No such user")}, rcpt_default=(250, "2.1.5 Ok")
     data_start_reply=(354, "End data with <CR><LF>.<CR><LF>")
@@ -74,6 +80,10 @@ DEFAULTS = dict(
     auth=None,
     auth_mechanisms="PLAIN LOGIN",
     auth_needs_tls=False,
+    eightbitmime=True,
+    smtputf8=False,
+    dsn=False,
+    chunking=False,
     mail_reply=(250, "2.1.0 Ok"),
     rcpt=None,
     rcpt_default=(250, "2.1.5 Ok"),
@@ -145,7 +155,11 @@ class _Session:
 
     def reset(self):
         self.mail_from = None
+        self.mail_params = ""
         self.rcpt_to = []
+        self.rcpt_params = {}
+        self.chunks = []
+        self.bdat_data = []
 
     # -- I/O
 
@@ -170,6 +184,15 @@ class _Session:
             self.buffer += data
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line + b"\n"
+
+    def read_exactly(self, size):
+        while len(self.buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise _Closed()
+            self.buffer += data
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
 
     def close(self):
         try:
@@ -228,7 +251,10 @@ class _Session:
                 handler(arg)
 
     def extensions(self):
-        ext = ["8BITMIME", "ENHANCEDSTATUSCODES"]
+        ext = ["8BITMIME"] if self.b["eightbitmime"] else []
+        ext.append("ENHANCEDSTATUSCODES")
+        ext += [name for name, key in (("SMTPUTF8", "smtputf8"), ("DSN", "dsn"),
+                                       ("CHUNKING", "chunking")) if self.b[key]]
         if self.b["starttls"] and self.tls is None:
             ext.append("STARTTLS")
         if self.b["auth"] and (self.tls or not self.b["auth_needs_tls"]):
@@ -331,6 +357,7 @@ class _Session:
         self.reply(code, text)
         if 200 <= code < 300:
             self.mail_from = _path(arg[5:])
+            self.mail_params = _params(arg[5:])
             self.rcpt_to = []
 
     def do_RCPT(self, arg):
@@ -346,6 +373,7 @@ class _Session:
         self.reply(code, text)
         if 200 <= code < 300:
             self.rcpt_to.append(address)
+            self.rcpt_params[address] = _params(arg[3:])
 
     def do_DATA(self, arg):
         self.stage("DATA")
@@ -365,11 +393,15 @@ class _Session:
         data = b"".join(raw)
         message = b"".join(line[1:] if line.startswith(b".") else line for line in raw)
         self.stage("DOT")
+        self.finish_transaction(data, message, "DATA")
+
+    def finish_transaction(self, data, message, via):
         code, text = self.b["data_reply"]
         record = dict(
             mail_from=self.mail_from, rcpt_to=list(self.rcpt_to), data=data, message=message,
             tls=self.tls, auth=self.auth, helo=self.helo, client_cert=self.client_cert,
-            connection=self.index, reply=code,
+            connection=self.index, reply=code, mail_params=self.mail_params,
+            rcpt_params=dict(self.rcpt_params), via=via, chunks=list(self.chunks),
         )
         self.sink._transaction(record, accepted=200 <= code < 300)
         self.reply(code, text)
@@ -379,12 +411,39 @@ class _Session:
                 self.messages_here >= self.b["hangup_after_messages"]:
             raise _Closed()
 
+    def do_BDAT(self, arg):
+        words = arg.split()
+        if not words or not words[0].isdigit() or len(words) > 2 or (
+                len(words) == 2 and words[1].upper() != "LAST"):
+            self.reply(501, "5.5.4 Syntax: BDAT size [LAST]")
+            return
+        chunk = self.read_exactly(int(words[0]))
+        if self.mail_from is None or not self.rcpt_to:
+            self.reply(503, "5.5.1 Need RCPT first")
+            return
+        self.chunks.append(len(chunk))
+        self.bdat_data.append(chunk)
+        if len(words) == 1:
+            self.reply(250, "2.0.0 %d octets received" % len(chunk))
+            return
+        self.stage("DOT")
+        data = b"".join(self.bdat_data)
+        self.finish_transaction(data, data, "BDAT")
+
     def do_RSET(self, arg):
         self.reset()
         self.reply(250, "2.0.0 Ok")
 
     def do_NOOP(self, arg):
         self.reply(250, "2.0.0 Ok")
+
+
+def _params(text):
+    """The ESMTP parameters after the path of MAIL or RCPT, as one string."""
+    text = text.strip()
+    if text.startswith("<") and ">" in text:
+        return text[text.index(">") + 1:].strip()
+    return text.partition(" ")[2].strip()
 
 
 def _path(text):

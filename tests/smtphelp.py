@@ -168,14 +168,14 @@ class Session:
     """One SMTPServer on a TLSStringTransport, with helpers to send lines and read replies."""
 
     def __init__(self, listener_config=None, peer="192.0.2.10", hooks=None, queue=None, auth=None,
-                 tls=object(), clock=None, events=None):
+                 tls=object(), clock=None, events=None, recipients=None):
         self.clock = clock or Clock()
         self.queue = queue if queue is not None else MemoryQueue()
         self.auth = auth if auth is not None else MemoryAuth()
         ids = iter("Q%04d" % i for i in range(1, 10000))
         self.factory = SMTPFactory(listener_config or listener(), GATEWAY, self.clock, self.queue,
                                    lambda: next(ids), auth=self.auth, tls=tls, hooks=hooks,
-                                   events=events)
+                                   events=events, recipients=recipients)
         self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.proto = self.factory.buildProtocol(None)
         self.proto.makeConnection(self.transport)

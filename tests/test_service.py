@@ -152,3 +152,48 @@ class BuildServiceTests(unittest.TestCase):
         error = self.assertRaises(ConfigError, Gateway.from_config, config,
                                   reactor=MemoryReactorClock(), run_in_thread=HeldRunner())
         self.assertEqual((error.section, error.key), ("queue", "path"))
+
+
+class DirectoryWiringTests(unittest.TestCase):
+    """[ldap] reaches the listeners (recipients = ldap) and AUTH ([auth] backend)."""
+
+    def build(self, backend, recipients="ldap", users=True):
+        import attr
+
+        from mailgate.config import LDAPConfig, LDAPServer
+        from mailgate.service import build_service
+        from mailgate.smtp.auth import set_user
+
+        config = make_config(self, listeners=(
+            listener(name="relay", endpoint="tcp:2525:interface=127.0.0.1", recipients=recipients),
+            listener(name="other", endpoint="tcp:2526:interface=127.0.0.1")))
+        users_file = None
+        if users:
+            users_file = config.path.rsplit("/", 1)[0] + "/users"
+            set_user(users_file, "alice", "pw")
+        ldap = LDAPConfig(servers=(LDAPServer("ldap", "127.0.0.1", 1),), base_dn="dc=x")
+        config = attr.evolve(config, ldap=ldap,
+                             auth=AuthConfig(users_file=users_file, backend=backend))
+        return build_service(config, MemoryReactorClock(), run_in_thread=HeldRunner(),
+                             deliver=False, admin=False)
+
+    def test_recipients_and_chained_auth(self):
+        from mailgate.directory import Chain, RecipientValidator
+        from mailgate.smtp.auth import UsersFile
+
+        gateway = self.build(("ldap", "file"))
+        relay, other = gateway.factories
+        self.assertIsInstance(relay.recipients, RecipientValidator)
+        self.assertIsNone(other.recipients)
+        self.assertIsInstance(relay.auth, Chain)
+        self.assertEqual([type(b).__name__ for b in relay.auth.backends], ["LDAPAuth", "UsersFile"])
+        self.assertIsInstance(relay.auth.grants, UsersFile)
+
+    def test_ldap_alone_and_file_alone(self):
+        from mailgate.directory import LDAPAuth
+        from mailgate.smtp.auth import UsersFile
+
+        self.assertIsInstance(self.build(("ldap",), users=False).factories[0].auth, LDAPAuth)
+        gateway = self.build(("file",), recipients="any")
+        self.assertIsInstance(gateway.factories[0].auth, UsersFile)
+        self.assertIsNone(gateway._parts.directory)  # nothing uses [ldap]: no client at all

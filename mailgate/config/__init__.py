@@ -10,6 +10,7 @@ Parsing is driven by SECTIONS (one table of key -> Key(kind, default, doc) per s
     schema.py     Key and Section, what a section module builds its tables from
     gateway.py    [gateway], [limits], [dns]
     listeners.py  [listener:NAME], [tls], [auth]
+    directory.py  [ldap]
     queue.py      [queue]
     delivery.py   [delivery], [route:NAME], [dkim]
     filters.py    [filters], [filter:NAME], [spf], [dmarc], [attachments]
@@ -30,6 +31,8 @@ Other modules import from mailgate.config itself, which re-exports every public 
 
 from mailgate.config.delivery import (DELIVERY_KEYS, DKIM_KEYS, ROUTE_KEYS, DeliveryConfig,
                                       DKIMConfig, RouteConfig)
+from mailgate.config.directory import (LDAP_KEYS, LDAPConfig, LDAPFilterTemplate, LDAPServer,
+                                       LDAPURIList)
 from mailgate.config.filters import (ATTACHMENTS_KEYS, DEFAULT_BLOCKED_EXTENSIONS, DMARC_KEYS,
                                      FILTERS_KEYS, SPF_KEYS, AttachmentsConfig, DMARCConfig,
                                      FilterSection, FiltersConfig, SPFConfig)
@@ -44,17 +47,18 @@ from mailgate.config.queue import QUEUE_KEYS, QueueConfig
 from mailgate.config.render import HIDDEN, SECRET_KEYS, SECRET_OPTION_WORDS, render_config
 from mailgate.config.schema import REQUIRED, Key, Section
 from mailgate.config.sections import SECTIONS, Config
-from mailgate.config.types import (BUILTIN_FILTERS, RELAY_IPS, Bool, Choice, Command,
+from mailgate.config.types import (BUILTIN_FILTERS, RELAY_IPS, Bool, Choice, ChoiceList, Command,
                                    DomainList, Duration, DurationList, Endpoint, ExemptList,
-                                   ExtensionList, FilterList, HeaderList, HostList, Hostname, Int,
-                                   Label, MimeTypeList, NameserverList, NetworkList,
-                                   OptionalEndpoint, Path, Port, Rate, RateLimit, Ratio,
-                                   RouteDomains, SecretFile, Size, Text)
+                                   ExtensionList, FilterList, HeaderList, HeaderPatternList,
+                                   HostList, Hostname, Int, Label, MimeTypeList, NameserverList,
+                                   NetworkList, OptionalEndpoint, Path, Port, Rate, RateLimit,
+                                   Ratio, RouteDomains, SecretFile, Size, Text)
 
 __all__ = [
     # The values other modules use.
     "Config", "GatewayConfig", "Limits", "DNSConfig", "QueueConfig", "TLSConfig", "AuthConfig",
-    "ListenerConfig", "DeliveryConfig", "RouteConfig", "DKIMConfig", "FiltersConfig",
+    "ListenerConfig", "LDAPConfig", "LDAPServer", "DeliveryConfig", "RouteConfig", "DKIMConfig",
+    "FiltersConfig",
     "FilterSection", "SPFConfig", "DMARCConfig", "AttachmentsConfig", "LoggingConfig",
     "MetricsConfig", "AlertsConfig", "AdminConfig",
     "BUILTIN_FILTERS", "DEFAULT_FILTERS", "DEFAULT_BLOCKED_EXTENSIONS",
@@ -64,11 +68,12 @@ __all__ = [
     # The schema.
     "SECTIONS", "Key", "Section", "REQUIRED",
     "GATEWAY_KEYS", "LIMITS_KEYS", "DNS_KEYS", "QUEUE_KEYS", "TLS_KEYS", "AUTH_KEYS",
-    "LISTENER_KEYS", "DELIVERY_KEYS", "ROUTE_KEYS", "DKIM_KEYS", "FILTERS_KEYS", "SPF_KEYS",
+    "LISTENER_KEYS", "LDAP_KEYS", "DELIVERY_KEYS", "ROUTE_KEYS", "DKIM_KEYS", "FILTERS_KEYS", "SPF_KEYS",
     "DMARC_KEYS", "ATTACHMENTS_KEYS", "LOGGING_KEYS", "METRICS_KEYS", "ALERTS_KEYS", "ADMIN_KEYS",
     # The value kinds.
     "Int", "Size", "Duration", "Bool", "Choice", "Hostname", "DomainList", "NetworkList", "Path",
     "Endpoint", "OptionalEndpoint", "Port", "NameserverList", "HostList", "DurationList",
     "RouteDomains", "Label", "HeaderList", "Text", "SecretFile", "FilterList", "ExtensionList",
     "MimeTypeList", "Ratio", "Command", "RateLimit", "ExemptList", "Rate", "RELAY_IPS",
+    "LDAPURIList", "LDAPFilterTemplate", "HeaderPatternList", "ChoiceList",
 ]

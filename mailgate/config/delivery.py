@@ -7,8 +7,13 @@ import attr
 
 from mailgate.config.schema import Key, Section, _plain
 from mailgate.config.types import (Bool, Choice, Duration, DurationList, DomainList, HeaderList,
-                                   HostList, Int, Label, Path, Port, RouteDomains, SecretFile,
-                                   Text)
+                                   HeaderPatternList, HostList, Int, Label, Path, Port,
+                                   RouteDomains, SecretFile, Text)
+
+# Exchange's internal header fields: never for the internet (inbound or outbound; see
+# mailgate.headerfirewall).
+EXCHANGE_HEADERS = ("x-ms-exchange-organization-*", "x-ms-exchange-forest-*",
+                    "x-ms-exchange-transport-*")
 
 
 @attr.s(frozen=True, slots=True)
@@ -25,6 +30,7 @@ class DeliveryConfig:
     connect_timeout = attr.ib(default=30.0)
     command_timeout = attr.ib(default=300.0)
     data_timeout = attr.ib(default=600.0)
+    chunking = attr.ib(default=True)  # BDAT (RFC 3030) when the next hop offers CHUNKING
 
 
 @attr.s(frozen=True, slots=True)
@@ -37,6 +43,7 @@ class RouteConfig:
     username = attr.ib(default=None)
     password = attr.ib(default=None)  # from password or password_file
     dkim_sign = attr.ib(default=False)  # default: yes for mx routes, no for smarthost routes
+    strip_headers = attr.ib(default=())  # header names / "prefix*" removed before sending
 
 
 @attr.s(frozen=True, slots=True)
@@ -121,6 +128,12 @@ DELIVERY_KEYS = {
         "10 minutes).",
         example="15m",
     ),
+    "chunking": Key(
+        Bool(), "yes",
+        doc="Send messages with BDAT (RFC 3030 CHUNKING, as Exchange does) when the next hop "
+        "offers it; DATA otherwise.",
+        example="no",
+    ),
 }
 
 ROUTE_KEYS = {
@@ -177,6 +190,15 @@ ROUTE_KEYS = {
         doc="Sign mail leaving by this route with the `[dkim]` key (only for the `[dkim] "
         "sign_domains`).",
         example="no",
+    ),
+    "strip_headers": Key(
+        HeaderPatternList(), lambda values, built: EXCHANGE_HEADERS if values["mx"] else (),
+        default_doc="`%s` for `mx = yes` routes, none for smarthost routes"
+        % ", ".join(EXCHANGE_HEADERS),
+        doc="Header fields removed from mail leaving by this route (names, or prefixes ending "
+        "in `*`), before it is DKIM-signed: Exchange's organisation headers must not reach "
+        "the internet.  `none`: keep every header.",
+        example="X-MS-Exchange-Organization-*, X-Originating-IP",
     ),
 }
 

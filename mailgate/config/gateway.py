@@ -10,9 +10,9 @@ import attr
 from mailgate.config.schema import Key, _plain
 import ipaddress
 
-from mailgate.config.types import (RELAY_IPS, Bool, DomainList, Duration, ExemptList, Hostname,
-                                   Int, NameserverList, ProcessCount, Rate, RateLimit, Size, Text,
-                                   _hostname)
+from mailgate.config.types import (RELAY_IPS, Bool, DomainList, Duration, ExemptList,
+                                   HeaderPatternList, Hostname, Int, NameserverList, ProcessCount,
+                                   Rate, RateLimit, Size, Text, _hostname)
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -56,6 +56,7 @@ class GatewayConfig:
     workers = attr.ib(default=0)  # 0: auto
     user = attr.ib(default=None)  # drop to this user (name or uid) once the listeners are bound
     group = attr.ib(default=None)  # and this group; None: the user's primary group
+    strip_headers = attr.ib(default=())  # more header names (or "prefix*") the firewall removes
 
 
 @attr.s(frozen=True, slots=True)
@@ -83,7 +84,8 @@ GATEWAY_KEYS = {
     "accepted_domains": Key(
         DomainList(), "",
         doc="The domains mail is accepted for from anyone (inbound mail).  Exact domains: "
-        "`example.com` does not include `sub.example.com`.  Mail to other domains is relayed "
+        "`example.com` does not include `sub.example.com`.  An internationalised domain may be "
+        "written either way (`bücher.example` is `xn--bcher-kva.example`).  Mail to other domains is relayed "
         "only for authenticated users and `relay_ips`.",
         example="example.com, example.org",
     ),
@@ -117,6 +119,14 @@ GATEWAY_KEYS = {
         default_doc="the user's primary group",
         doc="The group to switch to with `user` (a name or a number).",
         example="mailgate",
+    ),
+    "strip_headers": Key(
+        HeaderPatternList(), "",
+        doc="More header fields the header firewall (a listener's `header_firewall`) removes "
+        "from mail received from the internet, besides Exchange's `X-MS-Exchange-Organization-*`, "
+        "`X-MS-Exchange-Forest-*` and `X-MS-Exchange-Transport-*`: names, or prefixes ending in "
+        "`*`.",
+        example="X-MS-Has-Attach, X-Contoso-Internal-*",
     ),
 }
 

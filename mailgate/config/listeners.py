@@ -7,8 +7,8 @@ import attr
 
 from mailgate.config.gateway import LIMITS_KEYS, Limits
 from mailgate.config.schema import Key, Section, _inherit, _plain
-from mailgate.config.types import (BUILTIN_FILTERS, Bool, Choice, Endpoint, FilterList, Int,
-                                   NetworkList, Path, Size)
+from mailgate.config.types import (BUILTIN_FILTERS, Bool, Choice, ChoiceList, DomainList,
+                                   Endpoint, FilterList, Int, NetworkList, Path, Size)
 
 DEFAULT_FILTERS = {"relay": BUILTIN_FILTERS, "submission": ("attachments",)}
 
@@ -20,11 +20,13 @@ class TLSConfig:
     min_version = attr.ib(default="TLSv1.2")  # "TLSv1.2" or "TLSv1.3"
     generate_self_signed = attr.ib(default=False)
     ca_file = attr.ib(default=None)  # trust store for outbound "verify" (None: the system's)
+    client_ca_file = attr.ib(default=None)  # the CAs client certificates must chain to
 
 
 @attr.s(frozen=True, slots=True)
 class AuthConfig:
     users_file = attr.ib(default=None)
+    backend = attr.ib(default=("file",))  # "file" and/or "ldap", in the order asked
 
 
 @attr.s(frozen=True, slots=True)
@@ -43,6 +45,9 @@ class ListenerConfig:
     # Filter names in order: built-in ("spf", "dkim", "dmarc", "attachments") or dotted paths.
     # Default: spf, dkim, dmarc, attachments for relay; attachments for submission.
     filters = attr.ib(default=("attachments",))
+    recipients = attr.ib(default="any")  # "any" | "ldap": RCPT to an accepted domain looked up
+    header_firewall = attr.ib(default=False)  # strip Exchange's internal headers on the way in
+    relay_client_certs = attr.ib(default=())  # names a trusted client certificate may carry
 
 
 def _by_role(submission, relay):
@@ -79,13 +84,29 @@ TLS_KEYS = {
         "`tls = verify`.  It must exist and be readable when set.",
         example="/etc/mailgate/corp-ca.pem",
     ),
+    "client_ca_file": Key(
+        Path(), "",
+        doc="The CA certificates (PEM) a client certificate must chain to for a listener's "
+        "`relay_client_certs`.  Required when a listener sets `relay_client_certs`; it must "
+        "exist and be readable.",
+        example="/etc/mailgate/partner-cas.pem",
+    ),
 }
 
 AUTH_KEYS = {
+    "backend": Key(
+        ChoiceList(("file", "ldap")), "file",
+        doc="Where SMTP AUTH checks passwords: `file` (the `users_file`), `ldap` (a bind as the "
+        "user found with `[ldap] user_filter`, over TLS), or both, asked in the order written "
+        "until one knows the user.  With both, an LDAP user may also send as the senders the "
+        "users file grants it (`mailgate passwd FILE USER --sender ...`, with no password "
+        "needed there).",
+        example="ldap, file",
+    ),
     "users_file": Key(
         Path(), "",
         doc="The users file for SMTP AUTH.  Required when any listener has `auth` other than "
-        "`none`; it must exist and be readable.  It is re-read when it changes, so users can be "
+        "`none` and `backend` names `file`; it must exist and be readable.  It is re-read when it changes, so users can be "
         "added without a restart.",
         example="/etc/mailgate/users",
     ),
@@ -168,6 +189,32 @@ LISTENER_KEYS = {
         % ", ".join("`%s`" % name for name in BUILTIN_FILTERS),
         example="spf, dkim, dmarc, attachments, mycompany.filters.Greylist",
     ),
+    "recipients": Key(
+        Choice(("any", "ldap")), "any",
+        doc="`ldap`: RCPT to an accepted domain is looked up in the directory (`[ldap] "
+        "recipient_filter`) before it is accepted; an unknown address gets `550 5.1.1`, a "
+        "directory that is down or slow `451 4.4.3`.  `any`: every address of an accepted "
+        "domain is accepted.",
+        example="ldap",
+    ),
+    "header_firewall": Key(
+        Bool(), lambda values, built: values["role"] == "relay" and not values["relay_ips"],
+        default_doc="`yes` for relay listeners without `relay_ips`, `no` otherwise",
+        doc="Remove Exchange's internal header fields (`X-MS-Exchange-Organization-*`, "
+        "`X-MS-Exchange-Forest-*`, `X-MS-Exchange-Transport-*`) and the `[gateway] "
+        "strip_headers` from every message received here, so nobody on the internet can "
+        "forge what Exchange trusts (the spam verdict, the authentication state).  Counted in "
+        "the log, never their values.",
+        example="no",
+    ),
+    "relay_client_certs": Key(
+        DomainList(), "",
+        doc="A client presenting a certificate that chains to `[tls] client_ca_file` and "
+        "whose subject common name or a DNS name of its subjectAltName is one of these may "
+        "relay to any domain without AUTH (like a certificate-based connector of Exchange "
+        "Online).  Only with this key set does the listener ask for client certificates.",
+        example="mail.protection.outlook.com",
+    ),
 }
 # Each [limits] key may be set per listener: one row of the reference for them all.
 LISTENER_KEYS.update(
@@ -198,6 +245,8 @@ def _flatten_listener(listener):
 def _check_listener(values):
     if values["auth"] == "required" and values["tls"] == "none":
         return "auth", "auth = required needs tls"
+    if values["relay_client_certs"] and values["tls"] == "none":
+        return "relay_client_certs", "needs tls other than none: certificates come with TLS"
     return None
 
 

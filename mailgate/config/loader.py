@@ -193,11 +193,34 @@ def _check_tls(path, config):
 def _check_auth(path, config):
     users = [listener for listener in config.listeners if listener.auth != "none"]
     value = config.auth.users_file
-    if value is None and users:
+    if value is None and users and "file" in config.auth.backend:
         message = "required, because [listener:%s] has auth = %s" % (users[0].name, users[0].auth)
         raise ConfigError(path, "auth", "users_file", message)
     if value is not None:
         _check_readable(path, "auth", "users_file", value, private=has_entries)
+
+
+def _check_ldap(path, config):
+    """[ldap] is complete when something uses it; its files are readable."""
+    users = ["[listener:%s] has recipients = ldap" % listener.name
+             for listener in config.listeners if listener.recipients == "ldap"]
+    if "ldap" in config.auth.backend:
+        users.append("[auth] backend names ldap")
+    if users and not config.ldap.servers:
+        raise ConfigError(path, "ldap", "uri", "required, because %s" % users[0])
+    for key in ("bind_password_file", "ca_file"):
+        value = getattr(config.ldap, key)
+        if value is not None:
+            _check_readable(path, "ldap", key, value)
+
+
+def _check_client_certs(path, config):
+    users = [listener for listener in config.listeners if listener.relay_client_certs]
+    if users and config.tls.client_ca_file is None:
+        message = "required, because [listener:%s] has relay_client_certs" % users[0].name
+        raise ConfigError(path, "tls", "client_ca_file", message)
+    if config.tls.client_ca_file is not None:
+        _check_readable(path, "tls", "client_ca_file", config.tls.client_ca_file)
 
 
 def _check_routes(path, config):
@@ -241,5 +264,6 @@ def _check_filter_sections(path, config):
 
 
 CHECKS = [
-    _check_listeners, _check_tls, _check_auth, _check_routes, _check_dkim, _check_filter_sections,
+    _check_listeners, _check_tls, _check_auth, _check_ldap, _check_client_certs, _check_routes,
+    _check_dkim, _check_filter_sections,
 ]

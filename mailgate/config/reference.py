@@ -65,10 +65,10 @@ def table(kind):
     lines = [HEADER]
     for cells in rows(kind):
         for cell in cells:
-            if "\n" in cell or "|" in cell:
-                raise ValueError("[%s]: a table cell may hold neither '|' nor a newline: %r"
-                                 % (kind, cell))
-        lines.append("| %s |" % " | ".join(cells))
+            if "\n" in cell:
+                raise ValueError("[%s]: a table cell may not hold a newline: %r" % (kind, cell))
+        # A "|" (an LDAP filter's "or") is escaped: GitHub's tables show "\|" as "|", in code too.
+        lines.append("| %s |" % " | ".join(cell.replace("|", "\\|") for cell in cells))
     return "\n".join(lines) + "\n"
 
 

@@ -5,9 +5,10 @@ in which sections are built, checked and rendered.  A section's keys live in its
 
 import attr
 
-from mailgate.config import delivery, filters, gateway, listeners, ops, queue
+from mailgate.config import delivery, directory, filters, gateway, listeners, ops, queue
 from mailgate.config.delivery import DeliveryConfig, DKIMConfig
 from mailgate.config.filters import AttachmentsConfig, DMARCConfig, FiltersConfig, SPFConfig
+from mailgate.config.directory import LDAPConfig
 from mailgate.config.gateway import DNSConfig
 from mailgate.config.ops import AdminConfig, AlertsConfig, LoggingConfig, MetricsConfig
 
@@ -21,6 +22,7 @@ class Config:
     tls = attr.ib()
     auth = attr.ib()
     listeners = attr.ib()  # tuple of ListenerConfig, in file order
+    ldap = attr.ib(factory=LDAPConfig)
     dns = attr.ib(factory=DNSConfig)
     delivery = attr.ib(factory=DeliveryConfig)
     routes = attr.ib(default=())  # tuple of RouteConfig, in file order
@@ -42,6 +44,7 @@ SECTIONS = {
     "queue": queue.QUEUE,
     "tls": listeners.TLS,
     "auth": listeners.AUTH,
+    "ldap": directory.LDAP,
     "listener": listeners.LISTENER,
     "dns": gateway.DNS,
     "delivery": delivery.DELIVERY,

@@ -170,12 +170,27 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
 def _hostname(text):
-    """A lower-case DNS name (LDH labels); one trailing dot is dropped."""
+    """
+    A lower-case DNS name (LDH labels); one trailing dot is dropped.  An internationalised name
+    (U-labels, "bücher.example") becomes its A-label form ("xn--bcher-kva.example"), the form
+    every comparison and DNS question uses.
+    """
     name = text.lower()
     name = name[:-1] if name.endswith(".") else name
+    if not name.isascii():
+        name = _a_labels(name, text)
     if 1 <= len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
         return name
     raise _expected("a hostname like mail.example.com", text)
+
+
+def _a_labels(name, text):
+    import idna
+
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        raise _expected("a hostname like mail.example.com (or an IDNA name)", text) from None
 
 
 @attr.s(frozen=True)
@@ -511,6 +526,59 @@ class HeaderList:
 
     def describe(self):
         return "list of header names; lower-cased"
+
+    def render(self, value):
+        return ", ".join(value)
+
+
+@attr.s(frozen=True)
+class HeaderPatternList:
+    """
+    A tuple of lower-case header field names, each maybe ending in "*" (every name starting with
+    what comes before it), duplicates dropped; empty or none: no header.
+    """
+
+    EMPTY = "none"
+
+    def parse(self, text, base):
+        if text.strip().lower() == "none":
+            return ()
+        patterns = []
+        for item in _items(text):
+            name = item[:-1] if item.endswith("*") else item
+            if not _HEADER_NAME.fullmatch(name) or "*" in name:
+                raise _expected("a list of header names like X-Originating-IP or prefixes like "
+                                "X-MS-Exchange-Organization-*", item)
+            if item.lower() not in patterns:
+                patterns.append(item.lower())
+        return tuple(patterns)
+
+    def describe(self):
+        return "list of header names, `Prefix-*` patterns, or `none`"
+
+    def render(self, value):
+        return ", ".join(value) if value else "none"
+
+
+@attr.s(frozen=True)
+class ChoiceList:
+    """A tuple of words out of choices (any case), each at most once, at least one."""
+
+    choices = attr.ib()
+
+    def parse(self, text, base):
+        chosen = []
+        for item in _items(text):
+            word = Choice(self.choices).parse(item, base)
+            if word in chosen:
+                raise ValueError("%s is listed twice" % word)
+            chosen.append(word)
+        if not chosen:
+            raise _expected("one or more of %s" % ", ".join(self.choices), text)
+        return tuple(chosen)
+
+    def describe(self):
+        return "list of " + ", ".join("`%s`" % choice for choice in self.choices)
 
     def render(self, value):
         return ", ".join(value)

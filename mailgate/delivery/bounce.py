@@ -6,6 +6,12 @@ derived from them), so the caller decides when and how to queue the result.  The
 from the null reverse-path <> (RFC 5321 4.5.5), which the caller does; should_bounce says whether
 a message deserves one at all (a notice about a notice would loop).
 
+The DSN options of the original message (RFC 3461) are honoured: which recipients get a notice
+is the caller's (their NOTIFY), RET=HDRS returns the header block only, RET=FULL the whole
+message (as message/rfc822 when it is 7-bit and at most MAX_RETURN octets, otherwise its headers
+with a note saying so), no RET the headers; ENVID comes back as Original-Envelope-Id and each
+ORCPT as Original-Recipient.
+
 The output is plain 7-bit MIME with CRLF line endings and no line over 998 octets, so that it can
 be relayed by any MTA whatever the original message was: text that is not ASCII (a remote's reply,
 an SMTPUTF8 address, 8-bit original headers) is quoted-printable in the text parts, and in the
@@ -21,12 +27,17 @@ import hashlib
 import re
 import textwrap
 
-ACTIONS = ("failed", "delayed")
+ACTIONS = ("failed", "delayed", "relayed")
+NOTIFY_OF = {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}
 
 SUBJECTS = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Delivery Report",
 }
+
+# RET=FULL returns the whole message up to this size (Postfix's bounce_size_limit).
+MAX_RETURN = 50 * 1024
 
 # At most this much of the original header block is returned (a huge one would make a huge bounce).
 MAX_HEADERS = 64 * 1024
@@ -57,10 +68,11 @@ def make_dsn(hostname, envelope, data, failures, now, action="failed", retry_unt
     if not failures:
         raise ValueError("a DSN needs at least one recipient")
 
+    returned, whole = _returned_part(data, getattr(envelope, "ret", None))
     parts = [
-        _text_part(hostname, envelope, failures, action, retry_until),
+        _text_part(hostname, envelope, failures, action, retry_until, whole),
         _status_part(hostname, envelope, failures, action, retry_until),
-        _headers_part(data),
+        returned,
     ]
     seed = "\0".join(
         [hostname, str(envelope.queue_id), envelope.sender, repr(now), action]
@@ -92,9 +104,15 @@ def make_dsn(hostname, envelope, data, failures, now, action="failed", retry_unt
 # --- the three parts (each: its MIME headers, an empty line, its body ending in CRLF) ----------
 
 
-def _text_part(hostname, envelope, failures, action, retry_until):
+def _text_part(hostname, envelope, failures, action, retry_until, whole=False):
     paragraphs = ["This is the mail system at %s." % hostname]
-    if action == "failed":
+    if action == "relayed":
+        paragraphs.append(
+            "Your message was delivered to the servers below, which do not send delivery "
+            "notifications themselves: this is the last notice you will get about these "
+            "recipients."
+        )
+    elif action == "failed":
         paragraphs.append(
             "Your message could not be delivered to one or more of its recipients. "
             "This is a permanent error: it will not be retried. "
@@ -133,7 +151,7 @@ def _text_part(hostname, envelope, failures, action, retry_until):
         else:
             lines.append("    (no further details)")
         lines.append("")
-    lines.append("The headers of your message are attached.")
+    lines.append("Your message is attached." if whole else "The headers of your message are attached.")
     text = "\r\n".join(_clean(line) for line in lines) + "\r\n"
     return _text_body("text/plain", text)
 
@@ -141,13 +159,18 @@ def _text_part(hostname, envelope, failures, action, retry_until):
 def _status_part(hostname, envelope, failures, action, retry_until):
     blocks = []
     fields = ["Reporting-MTA: dns; %s" % hostname]
+    envid = getattr(envelope, "envid", None)
+    if envid:
+        fields.append("Original-Envelope-Id: %s" % _ascii(envid))
     if envelope.queue_id:
         fields.append("X-Mailgate-Queue-ID: %s" % _ascii(str(envelope.queue_id)))
     if envelope.received_at:
         fields.append("Arrival-Date: %s" % _date(envelope.received_at))
     blocks.append(fields)
     for result, at in failures:
-        fields = [
+        orcpt = envelope.orcpt(result.recipient) if hasattr(envelope, "orcpt") else None
+        fields = ["Original-Recipient: %s" % _original(orcpt)] if orcpt else []
+        fields += [
             "Final-Recipient: %s" % _address_type(result.recipient),
             "Action: %s" % action,
             "Status: %s" % _status(result, action),
@@ -165,6 +188,24 @@ def _status_part(hostname, envelope, failures, action, retry_until):
     body = b"\r\n".join(b"".join(_fold(field) for field in block) for block in blocks)
     head = b"Content-Type: message/delivery-status\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
     return head + body
+
+
+def _returned_part(data, ret):
+    """(the third part, whether it is the whole message): RET=FULL, else the headers."""
+    data = bytes(data)
+    if ret == "FULL":
+        lines_ok = all(len(line) <= _MAX_LINE for line in data.split(b"\r\n"))
+        if len(data) <= MAX_RETURN and data.isascii() and lines_ok:
+            head = b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+            body = data if data.endswith(b"\r\n") or not data else data + b"\r\n"
+            return head + body, True
+    return _headers_part(data), False
+
+
+def _original(orcpt):
+    """An ORCPT value ("rfc822;addr") as the Original-Recipient field writes it."""
+    kind, _, address = orcpt.partition(";")
+    return "%s; %s" % (kind, _ascii(address))
 
 
 def _headers_part(data):

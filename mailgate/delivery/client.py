@@ -15,6 +15,8 @@ dialogue's state are units of their own, each with its part of this contract:
   mailgate.delivery.tls         the outbound TLS policy decision (C5)
   mailgate.delivery.outcome     the reply-to-outcome mapping and the codes we report
   mailgate.delivery.transcript  the per-attempt transcript: session id and protocol events
+  mailgate.delivery.extensions  MAIL/RCPT parameters: 8BITMIME, SMTPUTF8, DSN, CHUNKING
+  mailgate.delivery.chunking    the message in BDAT chunks when the hop offers CHUNKING
 
 DotStuffer, stuff, parse_reply and POLICIES stay importable from here.
 
@@ -57,8 +59,10 @@ from twisted.mail import smtp
 from twisted.mail.interfaces import IClientAuthentication
 from zope.interface import implementer
 
+from mailgate.delivery.chunking import BDATSending
 from mailgate.delivery.conncache import ConnectionCache
 from mailgate.delivery.dotstuff import DotStuffer, stuff  # noqa: F401 (stuff: re-exported)
+from mailgate.delivery.extensions import plan_transaction
 from mailgate.delivery.outcome import (
     _describe,
     _hop_failure,
@@ -111,7 +115,7 @@ class _PLAIN:
 
 
 @implementer(IHandshakeListener)
-class DeliverySender(smtp.ESMTPSender):
+class DeliverySender(BDATSending, smtp.ESMTPSender):
     """
     ESMTPSender with mailgate's policy: one transaction, decided once; the decision (per-recipient
     RecipientResults, final or to be retried at the next hop) is kept on the factory, which hands
@@ -154,8 +158,9 @@ class DeliverySender(smtp.ESMTPSender):
         return (_label(self.hop), self.phase)
 
     def _result(self, recipient, outcome, reason):
+        plan = getattr(self, "_plan", None)
         return session_result(recipient, outcome, reason, self.hop, self.tls_version,
-                              self._transcript.session)
+                              self._transcript.session, dsn=plan is not None and plan.dsn)
 
     def _decide(self, final=None, retry=None, tls_failed=False):
         """Record the outcome of this connection (once)."""
@@ -408,11 +413,19 @@ class DeliverySender(smtp.ESMTPSender):
         if self.decided:
             return self._quit()
         self.phase = "MAIL"
-        self._from = self.factory.sender
+        # The extensions this hop offers and the message needs (mailgate.delivery.extensions).
+        plan = self._plan = plan_transaction(
+            self._ehloItems, self.factory.transfer, self.factory.sender_text,
+            self.factory.recipients, self.factory.data, self.hop, self.factory.chunking)
+        self._refused = {r: self._result(r, "bounced", reason) for r, reason in plan.refused.items()}
+        if not plan.rcpts:
+            self._decide(final=self._refused)
+            return self._quit()
+        self._from = plan.mail
         self._expected = smtp.SUCCESS
         self._okresponse = self.smtpState_to
         self._failresponse = self._mailFailed
-        self.sendLine(b"MAIL FROM:<" + self._from + b">")
+        self.sendLine(plan.mail)
 
     def _mailFailed(self, code, resp):
         reason = parse_reply(code, resp)
@@ -439,7 +452,9 @@ class DeliverySender(smtp.ESMTPSender):
         try:
             self.lastAddress = next(self.toAddresses)
         except StopIteration:
-            if self.successAddresses:
+            if self.successAddresses and self._plan.chunking:
+                self._startBDAT()
+            elif self.successAddresses:
                 self.phase = "DATA"
                 self.sendLine(b"DATA")
                 self._expected = [354]
@@ -447,7 +462,7 @@ class DeliverySender(smtp.ESMTPSender):
             else:
                 return self.smtpState_msgSent(code, b"No recipients accepted")
         else:
-            self.sendLine(b"RCPT TO:<" + self.lastAddress + b">")
+            self.sendLine(self._plan.rcpt(self.lastAddress))
 
     def smtpState_data(self, code, resp):
         self.phase = "end of DATA"
@@ -464,7 +479,9 @@ class DeliverySender(smtp.ESMTPSender):
 
     def smtpState_msgSent(self, code, resp):
         self._cancelDataTimer()
-        finished = self.phase == "end of DATA" and code > 0  # the reply to the final dot
+        # The reply to the final dot, or to BDAT LAST: the transaction is over, cleanly.
+        finished = code > 0 and (self.phase == "end of DATA" or (
+            self.phase == "BDAT" and getattr(self, "_bdatLast", False)))
         if self._from is not None and not self.decided:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         self._from = None
@@ -481,14 +498,14 @@ class DeliverySender(smtp.ESMTPSender):
         self.idle = False
         self._quit()
 
-    def next_transaction(self, sender, recipients, data, message_id):
+    def next_transaction(self, sender, recipients, data, message_id, transfer=None):
         """Run one more transaction on this connection; -> Deferred[_Outcome]."""
         self.idle = False
         self.reused += 1
         self._replied = False
         self.decided = False
         self._stuffer = DotStuffer()
-        result = self.factory.begin(sender, recipients, data, message_id)
+        result = self.factory.begin(sender, recipients, data, message_id, transfer)
         self._transcript.transaction(message_id)
         self.smtpState_from(250, b"")
         return result
@@ -499,7 +516,8 @@ class DeliverySender(smtp.ESMTPSender):
         or to the final dot (or, when nobody was accepted, nothing).
         """
         final, retry = transaction_results(
-            self.factory.recipients, addresses, code, resp, self._where(), self._result)
+            list(self._plan.rcpts), addresses, code, resp, self._where(), self._result)
+        final.update(self._refused)
         self._decide(final=final, retry=retry)
 
     # -- data source: ours, not SenderMixin's
@@ -508,7 +526,7 @@ class DeliverySender(smtp.ESMTPSender):
         return self.factory.sender
 
     def getMailTo(self):
-        return self.factory.wire_recipients
+        return list(self._plan.rcpts)  # recipients; their RCPT lines are in the plan
 
     def getMailData(self):
         return self.factory.file
@@ -526,7 +544,7 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
     message_id = None  # of the message being delivered (for the "connect" event)
 
     def __init__(self, reactor, hostname, hop, policy, route, sender, recipients, data,
-                 context, delivery_config):
+                 context, delivery_config, transfer=None):
         username = route.username.encode("utf-8") if route.username else None
         password = (route.password or "").encode("utf-8") if route.username else None
         smtp.ESMTPSenderFactory.__init__(
@@ -544,22 +562,26 @@ class DeliveryFactory(smtp.ESMTPSenderFactory):
         self.policy = policy
         self.route = route
         self.username = username
+        self.chunking = getattr(delivery_config, "chunking", True)
         self.data_timeout = delivery_config.data_timeout
         self.connect_timeout = delivery_config.connect_timeout
         self.cache = None  # a ConnectionCache, and our key in it: set by the Deliverer
         self.cache_key = None
-        self._job(sender, recipients, data)
+        self._job(sender, recipients, data, transfer)
 
-    def _job(self, sender, recipients, data):
+    def _job(self, sender, recipients, data, transfer):
         self.sender = sender.encode("utf-8")
+        self.sender_text = sender
         self.recipients = list(recipients)
         self.wire_recipients = [r.encode("utf-8") for r in recipients]
+        self.data = data
         self.file = io.BytesIO(data)
+        self.transfer = transfer  # a mailgate.delivery.extensions.Transfer, or None
         self.outcome = None
 
-    def begin(self, sender, recipients, data, message_id):
+    def begin(self, sender, recipients, data, message_id, transfer=None):
         """The next transaction on this (cached) connection; -> its result Deferred."""
-        self._job(sender, recipients, data)
+        self._job(sender, recipients, data, transfer)
         self.message_id = message_id
         self.sendFinished = False
         self.result = defer.Deferred()
@@ -635,13 +657,15 @@ class Deliverer:
         """Close the connections kept open for the next message (we stop, or a reload)."""
         self.cache.close_all()
 
-    def deliver(self, route, hops, sender, recipients, data):
+    def deliver(self, route, hops, sender, recipients, data, transfer=None):
         """
         Try hops in order for the recipients; -> Deferred[list[RecipientResult]], one per
-        recipient in order.  Never errbacks.
+        recipient in order.  Never errbacks.  transfer (mailgate.delivery.extensions.Transfer):
+        what the envelope asks of the hops (SMTPUTF8, DSN).
         """
         recipients = list(recipients)
-        d = defer.maybeDeferred(self._deliver, route, list(hops), sender, recipients, data)
+        d = defer.maybeDeferred(self._deliver, route, list(hops), sender, recipients, data,
+                                transfer)
 
         def internal_error(f):
             log.failure("Delivery attempt failed unexpectedly", f)
@@ -652,7 +676,7 @@ class Deliverer:
         return d.addErrback(internal_error)
 
     @defer.inlineCallbacks
-    def _deliver(self, route, hops, sender, recipients, data):
+    def _deliver(self, route, hops, sender, recipients, data, transfer=None):
         unique = list(dict.fromkeys(recipients))
         results = {}
         if _CONTROL.search(sender):
@@ -670,10 +694,11 @@ class Deliverer:
         for hop in hops:
             if not pending:
                 break
-            outcome = yield self._attempt(route, hop, policy, sender, list(pending), data)
+            outcome = yield self._attempt(route, hop, policy, sender, list(pending), data,
+                                          transfer)
             if retry_in_plaintext(policy, route, hop, outcome):
                 outcome = yield self._attempt(
-                    route, hop, _PLAINTEXT, sender, list(pending), data)
+                    route, hop, _PLAINTEXT, sender, list(pending), data, transfer)
             for r, result in outcome.final.items():
                 results[r] = result
                 pending.pop(r, None)
@@ -681,7 +706,7 @@ class Deliverer:
         results.update(pending)
         return [results[r] for r in recipients]
 
-    def _attempt(self, route, hop, policy, sender, recipients, data):
+    def _attempt(self, route, hop, policy, sender, recipients, data, transfer=None):
         """One connection to hop -> Deferred[_Outcome]."""
         if policy is None:
             reason = _Reason(451, "4.3.5", "unknown tls policy %r for route %s"
@@ -702,21 +727,23 @@ class Deliverer:
         mid = message_id(data) if self.events is not None else None
         cached = self.cache.take(key)
         if cached is not None:
-            d = cached.next_transaction(sender, recipients, data, mid)
+            d = cached.next_transaction(sender, recipients, data, mid, transfer)
 
             def stale(outcome):
                 if outcome.stale:  # closed by the server while idle: a new connection, at once
                     return self._connect(key, route, hop, policy, sender, recipients, data,
-                                         context, mid)
+                                         context, mid, transfer)
                 return outcome
 
             return d.addCallback(stale)
-        return self._connect(key, route, hop, policy, sender, recipients, data, context, mid)
+        return self._connect(key, route, hop, policy, sender, recipients, data, context, mid,
+                             transfer)
 
-    def _connect(self, key, route, hop, policy, sender, recipients, data, context, mid):
+    def _connect(self, key, route, hop, policy, sender, recipients, data, context, mid,
+                 transfer=None):
         factory = DeliveryFactory(
             self.reactor, self.hostname, hop, policy, route, sender, recipients, data, context,
-            self.config,
+            self.config, transfer,
         )
         factory.cache, factory.cache_key = self.cache, key
         if self.events is not None:

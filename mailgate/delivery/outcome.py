@@ -114,11 +114,11 @@ class _Outcome:
     stale = attr.ib(default=False)  # a cached connection found closed: try a new one at once
 
 
-def session_result(recipient, outcome, reason, hop, tls, session):
+def session_result(recipient, outcome, reason, hop, tls, session, dsn=False):
     """A recipient's RecipientResult from a reply in an SMTP session with hop."""
     return RecipientResult(
         recipient, outcome, reason.code, reason.status, reason.text,
-        remote=hop, tls=tls, session=session,
+        remote=hop, tls=tls, session=session, dsn=dsn,
     )
 
 

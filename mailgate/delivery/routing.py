@@ -20,14 +20,17 @@ from twisted.python.failure import Failure
 
 from mailgate.envelope import Hop
 from mailgate.errors import RoutingError
+from mailgate.idn import a_label
 from mailgate.resolver import describe_failure, ip_literal, lookup_addresses, lookup_records
 
 _LOOPBACKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def _normalise(domain):
+    """Lower case, no trailing dot, an internationalised name as its A-label (routes and DNS)."""
     domain = domain.strip().lower()
-    return domain[:-1] if domain.endswith(".") and not domain.startswith("[") else domain
+    domain = domain[:-1] if domain.endswith(".") and not domain.startswith("[") else domain
+    return a_label(domain)
 
 
 class Router:

@@ -22,7 +22,9 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from mailgate import headerfirewall
 from mailgate.delivery import bounce
+from mailgate.delivery.extensions import Transfer
 from mailgate.envelope import Envelope, RecipientResult
 from mailgate.errors import RoutingError
 from mailgate.events import message_id
@@ -144,7 +146,7 @@ class MessageState:
         self.recipients[result.recipient] = {
             "outcome": result.outcome, "code": result.code, "status": result.status,
             "text": result.text, "remote": result.remote.name if result.remote else None,
-            "at": now, "reported": False}
+            "at": now, "reported": False, "dsn": bool(result.dsn)}
 
     def unreported(self, outcome):
         return [r for r, s in self.recipients.items() if s["outcome"] == outcome and not s.get("reported")]
@@ -417,9 +419,21 @@ class DeliveryService(service.Service):
             outcome = "bounced" if e.permanent else "deferred"
             code = 550 if e.permanent else 451
             return [RecipientResult(r, outcome, code, e.status, e.text) for r in rcpts]
+        data = self._strip(queue_id, data, route)
         signature = yield self._signature(queue_id, data, msg, route)
-        results = yield self.deliverer.deliver(route, hops, envelope.sender, rcpts, signature + data)
+        results = yield self.deliverer.deliver(route, hops, envelope.sender, rcpts, signature + data,
+                                               transfer=Transfer.of(envelope))
         return results
+
+    def _strip(self, queue_id, data, route):
+        """The route's strip_headers removed (Exchange's internal fields, for the internet)."""
+        data, removed = headerfirewall.strip(data, route.strip_headers)
+        if removed:
+            log.info("{queue_id} route={route}: removed {count} header field(s): {names}",
+                     queue_id=queue_id, route=route.name, count=sum(removed.values()),
+                     names=", ".join("%s x%d" % item for item in sorted(removed.items())),
+                     removed=removed)
+        return data
 
     @defer.inlineCallbacks
     def _signature(self, queue_id, data, msg, route):
@@ -443,6 +457,10 @@ class DeliveryService(service.Service):
         bounced = msg.unreported("bounced")
         if bounced:
             yield self._notify(envelope, data, msg, bounced, now, "failed")
+        # NOTIFY=SUCCESS to a hop that does not do DSN: we say it was relayed (RFC 3461 5.2.2).
+        relayed = [r for r in msg.unreported("delivered") if not msg.recipients[r].get("dsn")]
+        if relayed:
+            yield self._notify(envelope, data, msg, relayed, now, "relayed")
         pending = msg.pending()
         if not pending:
             if bounced:  # the DSN is queued: the state says so before the message goes
@@ -475,24 +493,28 @@ class DeliveryService(service.Service):
     def _notify(self, envelope, data, msg, recipients, now, action):
         """
         Queue one DSN for recipients (never for a message from <>), then mark them reported.
-        Fires with the DSN's queue id, or None when none was made.
+        Only the recipients whose NOTIFY asks for this action get one (RFC 3461 4.1: FAILURE
+        for "failed", DELAY for "delayed", SUCCESS for "relayed"; NEVER for none; without
+        NOTIFY, FAILURE and DELAY).  Fires with the DSN's queue id, or None when none was made.
         """
         dsn_id = None
-        if bounce.should_bounce(envelope):
-            failures = [msg.as_result(r) for r in recipients]
+        wanted = bounce.NOTIFY_OF[action]
+        asked = [r for r in recipients if wanted in envelope.notify(r)]
+        if bounce.should_bounce(envelope) and asked:
+            failures = [msg.as_result(r) for r in asked]
             dsn = bounce.make_dsn(self.hostname, envelope, data, failures, now, action=action)
             dsn_envelope = Envelope(
                 queue_id=self.new_queue_id(), sender="", recipients=(envelope.sender,),
                 client_ip="", helo=self.hostname, listener="", protocol="local",
-                received_at=now, size=len(dsn))
+                received_at=now, size=len(dsn), smtputf8=not envelope.sender.isascii())
             yield self.queue.enqueue(dsn_envelope, dsn)
             dsn_id = dsn_envelope.queue_id
-            self._track("DSN", envelope, data, recipients=list(recipients), action=action,
+            self._track("DSN", envelope, data, recipients=list(asked), action=action,
                         dsn_queue_id=dsn_envelope.queue_id)
             log.info("{queue_id} {action} notice queued as {dsn_id} for <{sender}>",
                      queue_id=envelope.queue_id, action=action, dsn_id=dsn_envelope.queue_id,
                      sender=envelope.sender)
-        if action == "failed":
+        if action in ("failed", "relayed"):
             for r in recipients:
                 msg.recipients[r]["reported"] = True
         return dsn_id

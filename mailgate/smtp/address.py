@@ -2,16 +2,22 @@
 Strict RFC 5321 parsing of the MAIL FROM, RCPT TO and EHLO/HELO arguments.
 
 The server hands us the text after the verb, decoded from the wire as latin-1, so a byte >= 0x80
-shows up as a non-ASCII character.  Every rejection is a ReplyError carrying the exact reply, so the
+shows up as a non-ASCII character.  An address is UTF-8 (RFC 6531) only in a transaction whose
+MAIL carried SMTPUTF8: then the path is decoded as UTF-8 and its local part may hold any
+printable non-ASCII character and its domain U-labels (checked with IDNA, compared elsewhere in
+A-label form); without SMTPUTF8 a non-ASCII path is 553 5.6.7.  Every rejection is a ReplyError carrying the exact reply, so the
 server answers without interpreting anything.  The parsing is strict on purpose: this is the edge,
 and whatever passes here ends up in headers, queue files and relay decisions downstream.
 """
 
 import ipaddress
 import re
+import unicodedata
 
+from mailgate import idn
 from mailgate.envelope import Address, Reply
 from mailgate.errors import ReplyError
+from mailgate.smtp import params as esmtp
 
 MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
@@ -21,11 +27,9 @@ MAX_LABEL = 63  # RFC 1035 2.3.4: a longer label can never resolve
 INVALID_CHARACTER = Reply(501, "5.5.4", "Invalid character in command")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
-NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address not supported")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
-BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
-BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter")
 
 NULL_SENDER = Address("", "")
 POSTMASTER = Address("postmaster", "")
@@ -43,6 +47,17 @@ _PATH_RE = re.compile(
     % (_ADL, _DOT_STRING, _QUOTED_STRING, _DOMAIN, _LITERAL)
 )
 _DOT_STRING_RE = re.compile(_DOT_STRING)
+# RFC 6531 3.3: atext and qtext take UTF8-non-ascii too (the domain is checked by IDNA instead).
+_U = r"\u0080-\U0010ffff"
+_UTF8_ATEXT = r"[A-Za-z0-9!#$%%&'*+/=?^_`{|}~%s-]" % _U
+_UTF8_DOT_STRING = r"%s+(?:\.%s+)*" % (_UTF8_ATEXT, _UTF8_ATEXT)
+_UTF8_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e%s]|\\[\x20-\x7e%s])*"' % (_U, _U)
+_UTF8_DOMAIN = r"[^\x00-\x20\x7f@<>\[\]\\\"]+"
+_UTF8_PATH_RE = re.compile(
+    r"<(?:(?P<adl>%s):)?(?P<local>%s|%s)@(?P<domain>%s|%s)>"
+    % (_ADL, _UTF8_DOT_STRING, _UTF8_QUOTED, _UTF8_DOMAIN, _LITERAL)
+)
+_UTF8_DOT_STRING_RE = re.compile(_UTF8_DOT_STRING)
 _TAG_RE = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]")  # Standardized-tag = Ldh-str
 _DCONTENT_RE = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
 _IPV6_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]+")  # no "%zone": ipaddress would accept one
@@ -52,8 +67,6 @@ _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
 _HELO_DOMAIN_RE = re.compile(r"%s(?:\.%s)*" % (_HELO_LABEL, _HELO_LABEL))
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")  # esmtp-keyword
-_SIZE_RE = re.compile(r"[0-9]{1,20}")  # RFC 1870 size-value
 
 
 def _fail(reply):
@@ -77,26 +90,29 @@ def is_ip_address(text):
 def parse_mail(arg):
     """
     Parse the argument of MAIL (e.g. 'FROM:<a@b.example> SIZE=123') into (Address, params).
-    <> is the null sender Address("", ""); params has upper-case keys, SIZE an int.
+    <> is the null sender Address("", ""); params has upper-case keys (mailgate.smtp.params:
+    SIZE an int, BODY, SMTPUTF8 True, RET, ENVID decoded).  With SMTPUTF8 the path may be UTF-8.
     """
     path, rest = _split(arg, "FROM:", MAIL_SYNTAX)
-    _check_ascii(path)
-    address = NULL_SENDER if path == "<>" else _parse_path(path, BAD_SENDER)
-    return address, _parse_params(rest, _MAIL_PARAMS, MAIL_SYNTAX)
+    utf8 = esmtp.SMTPUTF8_RE.search(rest) is not None
+    path = _decode(path, utf8, BAD_SENDER)
+    address = NULL_SENDER if path == "<>" else _parse_path(path, BAD_SENDER, utf8)
+    return address, esmtp.parse(rest, esmtp.MAIL, MAIL_SYNTAX)
 
 
-def parse_rcpt(arg):
+def parse_rcpt(arg, smtputf8=False):
     """
-    Parse the argument of RCPT (e.g. 'TO:<u@d.example>') into (Address, params).  <Postmaster>
-    without a domain is accepted (RFC 5321 4.5.1) as Address("postmaster", ""); <> is refused.
+    Parse the argument of RCPT (e.g. 'TO:<u@d.example>') into (Address, params: NOTIFY, ORCPT).
+    <Postmaster> without a domain is accepted (RFC 5321 4.5.1) as Address("postmaster", ""); <>
+    is refused.  smtputf8: the transaction's MAIL carried SMTPUTF8, so the path may be UTF-8.
     """
     path, rest = _split(arg, "TO:", RCPT_SYNTAX)
-    _check_ascii(path)
+    path = _decode(path, smtputf8, BAD_RECIPIENT)
     if path[1:-1].lower() == "postmaster":
         address = POSTMASTER
     else:
-        address = _parse_path(path, BAD_RECIPIENT)
-    return address, _parse_params(rest, {}, RCPT_SYNTAX)
+        address = _parse_path(path, BAD_RECIPIENT, smtputf8)
+    return address, esmtp.parse(rest, esmtp.RCPT, RCPT_SYNTAX)
 
 
 def parse_helo(arg, verb="EHLO"):
@@ -177,79 +193,60 @@ def _path_end(text):
     return None
 
 
-def _size(value):
-    """SIZE=<digits> (RFC 1870) as an int."""
-    if value is None or not _SIZE_RE.fullmatch(value):
-        _fail(BAD_SIZE)
-    return int(value)
-
-
-def _body(value):
-    """BODY=7BIT|8BITMIME (RFC 6152), case-insensitive, returned upper-case."""
-    body = value.upper() if value is not None and value.isascii() else None
-    if body not in ("7BIT", "8BITMIME"):
-        _fail(BAD_BODY)
-    return body
-
-
-_MAIL_PARAMS = {"SIZE": _size, "BODY": _body}
-
-
-def _parse_params(rest, supported, syntax):
-    """
-    Space-separated KEYWORD[=VALUE] into a dict with upper-case keys; supported maps a keyword
-    to the function checking and converting its value (None when there is no '=').
-    """
-    params = {}
-    for token in rest.split(" "):
-        if not token:
-            continue
-        keyword, has_value, value = token.partition("=")
-        if not _KEYWORD_RE.fullmatch(keyword):
-            _fail(syntax)
-        keyword = keyword.upper()
-        if keyword not in supported:
-            _fail(Reply(555, "5.5.4", "Unsupported parameter %s" % (keyword,)))
-        if keyword in params:
-            _fail(Reply(501, "5.5.4", "Duplicate parameter %s" % (keyword,)))
-        params[keyword] = supported[keyword](value if has_value else None)
-    return params
-
-
 # ---------------------------------------------------------------------------------------------
 # The path itself
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_ascii(path):
-    """We do not advertise SMTPUTF8 (RFC 6531), so a non-ASCII address has its own reply."""
-    if not path.isascii():
+def _decode(path, utf8, bad):
+    """
+    The path as text: ASCII as it is; with SMTPUTF8 the latin-1 text of the wire bytes decoded
+    as UTF-8 (NFC, no control, format or separator characters); without it 553 5.6.7.
+    """
+    if path.isascii():
+        return path
+    if not utf8:
         _fail(NON_ASCII_ADDRESS)
+    try:
+        text = path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        _fail(bad)
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp", "Zs") for c in text
+           if not c.isascii()):
+        _fail(bad)
+    return unicodedata.normalize("NFC", text)
 
 
-def _parse_path(path, bad):
+def _parse_path(path, bad, utf8=False):
     """
     '<[@route,...:]local@domain>' into an Address.  A source route is checked, then dropped:
     relaying is decided on the final mailbox only (RFC 5321 C: a server may ignore the route).
+    Limits are in octets, as the RFCs count them (RFC 6531 3.3).
     """
-    match = _PATH_RE.fullmatch(path) if len(path) <= MAX_PATH else None
+    size = len(path.encode("utf-8")) if utf8 else len(path)
+    grammar = _UTF8_PATH_RE if utf8 and not path.isascii() else _PATH_RE
+    match = grammar.fullmatch(path) if size <= MAX_PATH else None
     if match is None:
         _fail(bad)
     adl = match.group("adl")
     if adl and not all(_valid_domain(hop[1:], _PATH_DOMAIN_RE) for hop in adl.split(",")):
         _fail(bad)
     local, domain = match.group("local"), match.group("domain")
-    if len(local) > MAX_LOCAL:
+    if len(local.encode("utf-8")) > MAX_LOCAL:
         _fail(bad)
     if domain.startswith("["):
         domain = _literal(domain[1:-1], general=True)
-    elif _valid_domain(domain, _PATH_DOMAIN_RE):
+    elif domain.isascii() and _valid_domain(domain, _PATH_DOMAIN_RE):
         domain = domain.lower()
+    elif not domain.isascii() and idn.is_valid(domain):
+        domain = domain.lower()
+        if not _valid_domain(idn.a_label(domain), _PATH_DOMAIN_RE):
+            _fail(bad)
     else:
         domain = None
     if domain is None:
         _fail(bad)
-    return Address(_normalise_local(local), domain)
+    return Address(_normalise_local(local, utf8), domain)
 
 
 _PATH_DOMAIN_RE = re.compile(_DOMAIN)
@@ -288,7 +285,7 @@ def _is_ip(kind, text):
     return True
 
 
-def _normalise_local(local):
+def _normalise_local(local, utf8=False):
     """
     A quoted local part loses its quotes when they were unnecessary ('"joe"' is 'joe'); otherwise
     it keeps them, with only '"' and '\\' escaped, so an '@', '%' or '!' hidden in quotes stays
@@ -297,6 +294,6 @@ def _normalise_local(local):
     if not local.startswith('"'):
         return local
     content = re.sub(r"\\(.)", r"\1", local[1:-1], flags=re.DOTALL)
-    if _DOT_STRING_RE.fullmatch(content):
+    if (_UTF8_DOT_STRING_RE if utf8 else _DOT_STRING_RE).fullmatch(content):
         return content
     return '"%s"' % (content.replace("\\", "\\\\").replace('"', '\\"'),)

@@ -346,6 +346,22 @@ class UsersFile:
         d.addCallback(self._report)
         return d
 
+    def user_grants(self, username):
+        """
+        Deferred[User or None]: the senders the file grants to username, without its password
+        (for a user another backend authenticated, [auth] backend = ldap, file).
+        """
+        d = self._run(self._grants, username)
+        d.addCallback(self._report)
+        return d
+
+    def _grants(self, username):
+        events = self._refresh()
+        entry = self._users.get(username) if self._users is not None else None
+        if entry is None:
+            return None, events
+        return User(username, _effective_senders(username, entry[1])), events
+
     def _report(self, result):
         """Log (on the reactor thread) what the reload in the thread had to say."""
         user, events = result

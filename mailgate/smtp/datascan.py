@@ -21,6 +21,8 @@ class DataScanner:
     kept, only scanned.
     """
 
+    unstuff = True  # DATA is dot-stuffed; BDAT chunks (mailgate.smtp.chunking) are not
+
     def __init__(self, max_size):
         self.max_size = max_size
         self.size = 0
@@ -70,6 +72,8 @@ class DataScanner:
         # whichever chunk it arrives in: found by tests/smtp/test_properties.py).
         at_line_start = self._prev == b"\r\n"
         self._prev = (self._prev + part[-2:])[-2:]
+        if not self.unstuff:
+            return self._keep(part)
         if at_line_start and part[:1] == b".":
             part = part[1:]
         self._keep(part.replace(b"\r\n.", b"\r\n"))

@@ -10,11 +10,15 @@ protocol answers with 451 4.3.0: never a 5xx, never a 250.
 """
 
 import attr
+from twisted.logger import Logger
 
+from mailgate import headerfirewall
 from mailgate.envelope import Reply
 from mailgate.events import message_id
 from mailgate.smtp import replies
 from mailgate.smtp.received import received_header
+
+log = Logger()
 
 
 def scan_problem(scanner):
@@ -47,11 +51,12 @@ class Queued:
                     latency=latency)
 
 
-def hand_off(queue, hostname, envelope, message, result):
+def hand_off(queue, hostname, envelope, message, result, strip=()):
     """
     result is what the filters' on_data gave: None (queue as is), a Reply, or a
     mailgate.verdict.DataResult.  Fires with a refusing Reply (the filters said no) or a Queued;
-    fails when the queue did not commit.
+    fails when the queue did not commit.  strip: the header firewall's patterns (the filters saw
+    the message as it came; what is queued has those fields removed).
     """
     if isinstance(result, Reply):
         if not result.is_positive:
@@ -61,6 +66,12 @@ def hand_off(queue, hostname, envelope, message, result):
     if result is not None:
         message, state, reason = result.data, result.state, result.reason
         envelope = attr.evolve(envelope, verdicts=result.verdicts)
+    message, removed = headerfirewall.strip(message, strip)
+    if removed:
+        log.info("header firewall removed {count} header field(s) from {queue_id}: {names}",
+                 count=sum(removed.values()), queue_id=envelope.queue_id,
+                 names=", ".join("%s x%d" % item for item in sorted(removed.items())),
+                 removed=removed)
     data = received_header(envelope, hostname) + message
     envelope = attr.evolve(envelope, size=len(data))
     d = queue.enqueue(envelope, data, state)

@@ -81,9 +81,24 @@ class CurrentTLS:
 
     def __init__(self, options=None):
         self.options = options
+        self.by_listener = {}  # listener name -> its own options (relay_client_certs)
 
     def serverConnectionForTLS(self, tls_protocol):
         return SSL.Connection(self.options.getContext(), None)
+
+    def of(self, name):
+        """The creator of one listener: its own options when it has some, else the shared ones."""
+        return _ListenerTLS(self, name)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ListenerTLS:
+    def __init__(self, current, name):
+        self.current, self.name = current, name
+
+    def serverConnectionForTLS(self, tls_protocol):
+        options = self.current.by_listener.get(self.name) or self.current.options
+        return SSL.Connection(options.getContext(), None)
 
 
 @implementer(IStreamServerEndpoint)

@@ -10,6 +10,7 @@ MTA might act on it.
 import ipaddress
 
 from mailgate.envelope import Reply
+from mailgate.idn import a_label
 
 _ROUTING_CHARACTERS = ("%", "!", "@")
 
@@ -71,17 +72,18 @@ def sender_reply(user, address):
 
 def recipient_reply(listener, gateway, ip, authenticated, address):
     """None when we take mail for address from this client, else the relay refusal."""
-    if may_relay(listener, ip, authenticated) or _is_local(gateway, address):
+    if may_relay(listener, ip, authenticated) or is_local(gateway, address):
         return None
     return Reply(554, "5.7.1", "<%s>: Relay access denied" % (address,))
 
 
-def _is_local(gateway, address):
+def is_local(gateway, address):
     """
     Is address ours to receive?  Exactly an accepted domain (no subdomains; an address literal is
-    never ours) with no routing characters in the local part, or the bare <postmaster>.
+    never ours; an internationalised domain compared in its A-label form) with no routing
+    characters in the local part, or the bare <postmaster>.
     """
-    domain = address.domain.lower()
+    domain = a_label(address.domain)
     if not domain:
         return address.local.lower() == "postmaster"
     if domain.startswith("[") or domain not in {d.lower() for d in gateway.accepted_domains}:

@@ -16,13 +16,16 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailgate.envelope import Envelope, Reply
+from mailgate.headerfirewall import inbound_patterns
 from mailgate.errors import ReplyError
 from mailgate.session import Session
-from mailgate.smtp import address, limits, policy, replies, sasl
+from mailgate.smtp import address, chunking, clientcert, limits, policy, replies, sasl
+from mailgate.smtp import params as esmtp
 from mailgate.smtp.anvil import Anvil
 from mailgate.smtp.datascan import DataScanner
 from mailgate.smtp.gate import Gate
 from mailgate.smtp.handoff import hand_off, scan_problem
+from mailgate.smtp.recipients import check as check_recipient
 from mailgate.smtp.replies import (
     AUTH_BAD, AUTH_FIRST, AUTH_NEEDS_TLS, AUTH_OK, AUTH_TEMP, BAD_CHAR, BAD_SEQUENCE_HELO,
     LINE_TOO_LONG, NEED_MAIL, NESTED_MAIL, NO_RCPT, OK, TEMP_FAIL, TLS_FIRST, TOO_BIG,
@@ -37,7 +40,8 @@ MAX_PARTIAL_LINE = 16384  # bytes without CRLF before we give up on the client
 MAX_PENDING = 65536  # buffered input while a check runs, before we stop reading
 
 # Only these verbs run; ESMTP's own do_* and ext_* methods are never reachable by name.
-COMMANDS = frozenset("EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY EXPN HELP QUIT".split())
+COMMANDS = frozenset(
+    "EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY EXPN HELP QUIT".split())
 
 R = Reply
 
@@ -58,6 +62,7 @@ class SMTPServer(smtp.ESMTP):
         self._paused = False
         self._closed = False
         self._scanner = None
+        self._chunk = None  # a mailgate.smtp.chunking.Chunk whose octets are being read
         self._sasl = None  # a sasl.Exchange waiting for the next response line
         self._timers = {}
         self.errors = 0
@@ -66,6 +71,8 @@ class SMTPServer(smtp.ESMTP):
         self.esmtp = False
         self.tls = factory.listener.tls == "implicit"
         self.user = None
+        self.cert_name = None  # the relay_client_certs name a client certificate proved
+        self._cert_checked = False
         self.session = None
         self.guard = None  # the limits across sessions (mailgate.smtp.limits.Guard)
         self._greeted = False
@@ -180,6 +187,7 @@ class SMTPServer(smtp.ESMTP):
             self._protocol_event("disconnect")
         self._closed = True
         self._scanner = None
+        self._chunk = None
         for call in self._timers.values():
             if call.active():
                 call.cancel()
@@ -190,7 +198,7 @@ class SMTPServer(smtp.ESMTP):
     def dataReceived(self, data):
         if self._closed:
             return
-        if self._scanner is not None:
+        if self._scanner is not None or self._chunk is not None:
             self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
             self._data_bytes += len(data)
         elif not self._greeted:
@@ -199,7 +207,7 @@ class SMTPServer(smtp.ESMTP):
         self._process()
 
     def _process(self):
-        while not self._busy and not self._closed and self._buffer:
+        while not self._busy and not self._closed and (self._buffer or self._chunk_read()):
             if self._scanner is not None:
                 rest = self._scanner.feed(self._buffer)
                 self._buffer = b""
@@ -207,6 +215,15 @@ class SMTPServer(smtp.ESMTP):
                     return
                 self._buffer = rest
                 self._busy_with(self._end_of_data())
+                continue
+            if self._chunk is not None:  # BDAT: exactly its octets, whatever they hold
+                rest = self._chunk.feed(self._buffer)
+                self._buffer = b""
+                if rest is None:
+                    return
+                self._buffer = rest
+                chunk, self._chunk = self._chunk, None
+                self._busy_with(chunking.finished(self, chunk))
                 continue
             end = self._buffer.find(b"\r\n")
             if end < 0:
@@ -227,6 +244,10 @@ class SMTPServer(smtp.ESMTP):
                 self.transport.resumeProducing()
             self._idle()
 
+    def _chunk_read(self):
+        """A BDAT chunk with nothing (more) to read: BDAT 0 LAST ends without more bytes."""
+        return self._chunk is not None and self._chunk.left == 0
+
     def _busy_with(self, result):
         """result is None (the command was answered) or a Deferred (answer comes later)."""
         if not isinstance(result, defer.Deferred):
@@ -246,7 +267,9 @@ class SMTPServer(smtp.ESMTP):
         self._reply(TEMP_FAIL)
 
     def _idle(self):
-        if self._scanner is None:
+        if self._scanner is not None or self._chunk is not None:
+            self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+        else:
             self._arm("idle", self.limits.command_timeout, "command timeout exceeded")
 
     # -- timers (from the injected clock) -----------------------------------------------------
@@ -333,8 +356,8 @@ class SMTPServer(smtp.ESMTP):
         verb = verb.upper()
         if verb not in COMMANDS:
             return self._error(UNKNOWN)
-        if verb in ("MAIL", "RCPT", "DATA"):
-            self._stage = verb
+        if verb in ("MAIL", "RCPT", "DATA", "BDAT"):
+            self._stage = "DATA" if verb == "BDAT" else verb
         handler = getattr(self, "do_" + verb)
         try:
             return handler(arg.strip(" "))
@@ -382,7 +405,7 @@ class SMTPServer(smtp.ESMTP):
             if not esmtp:
                 return self._reply(R(250, "", self.hostname))
             lines = [self.hostname, "PIPELINING", "SIZE %d" % self.listener.max_message_size,
-                     "8BITMIME", "ENHANCEDSTATUSCODES"]
+                     "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING", "SMTPUTF8", "DSN"]
             if self.listener.tls in ("optional", "required") and not self.tls:
                 lines.append("STARTTLS")
             if self.tls and self.listener.auth != "none" and self.factory.auth is not None:
@@ -415,7 +438,12 @@ class SMTPServer(smtp.ESMTP):
         self.helo = None
         self.esmtp = False
         self.user = None
+        self.cert_name, self._cert_checked = None, False
         self._reset_transaction()
+
+    def trusted(self):
+        """May relay anywhere: authenticated, or a client certificate of relay_client_certs."""
+        return self.user is not None or clientcert.permitted(self) is not None
 
     def _tls_missing(self):
         return self.listener.tls == "required" and not self.tls
@@ -526,6 +554,7 @@ class SMTPServer(smtp.ESMTP):
         def accept():
             self.sender = sender
             self.body_type = params.get("BODY", "7BIT").upper()
+            self.mail_params = params
             self._reply(replies.SENDER_OK)
 
         return self._then(self._hook("on_mail", sender), accept)
@@ -535,7 +564,7 @@ class SMTPServer(smtp.ESMTP):
             return self._error(TLS_FIRST)
         if self.sender is None:
             return self._error(NEED_MAIL)
-        recipient, _params = address.parse_rcpt(arg)
+        recipient, params = address.parse_rcpt(arg, self.mail_params.get("SMTPUTF8", False))
         self._attempt = str(recipient)
         if self.guard.at_rcpt:
             refused = self.guard.rcpt(self.user.name if self.user is not None else None)
@@ -544,7 +573,7 @@ class SMTPServer(smtp.ESMTP):
         if len(self.recipients) >= self.listener.max_recipients:
             return self._answer(TOO_MANY_RCPTS)
         refused = policy.recipient_reply(self.listener, self.factory.gateway, self.client_ip,
-                                         self.user is not None, recipient)
+                                         self.trusted(), recipient)
         if refused is not None:
             return self._answer(refused)
         rcpt = str(recipient) if recipient.domain else "postmaster@" + self._postmaster_domain()
@@ -552,9 +581,13 @@ class SMTPServer(smtp.ESMTP):
         def accept():
             if rcpt not in self.recipients:
                 self.recipients.append(rcpt)
+                self.rcpt_params[rcpt] = params
             self._reply(replies.RECIPIENT_OK)
 
-        return self._then(self._hook("on_rcpt", recipient), accept)
+        def validated(refused):  # a listener's recipients = ldap: before the filters' say
+            return refused if refused is not None else self._hook("on_rcpt", recipient)
+
+        return self._then(check_recipient(self.factory, recipient).addCallback(validated), accept)
 
     def _postmaster_domain(self):
         domains = self.factory.gateway.accepted_domains
@@ -569,6 +602,8 @@ class SMTPServer(smtp.ESMTP):
             return self._error(NEED_MAIL)
         if not self.recipients:
             return self._error(NO_RCPT)
+        if self.bdat is not None:
+            return self._error(chunking.DATA_AFTER_BDAT)
         self._scanner = DataScanner(self.listener.max_message_size)
         self._disarm("idle")
         self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
@@ -592,10 +627,18 @@ class SMTPServer(smtp.ESMTP):
         self._stage, self._limit = "DATA", refused[0]
         self._close(refused[1])
 
-    def _end_of_data(self):
+    def do_BDAT(self, arg):
+        unframed = chunking.start(self, arg)
+        if unframed is not None:
+            return self._close(unframed)  # no size: what follows cannot be told from commands
+        self._arm("idle", self.limits.data_timeout, "data timeout exceeded")
+
+    def _end_of_data(self, scanner=None):
+        """The message is complete: DATA's scanner, or the scanner of BDAT's chunks."""
         self._stage = "DATA"
         self._data_done_at = self.clock.seconds()
-        scanner, self._scanner = self._scanner, None
+        if scanner is None:
+            scanner, self._scanner = self._scanner, None
         self._disarm("idle")
         self._disarm("rate")
         message = scanner.message()
@@ -611,7 +654,9 @@ class SMTPServer(smtp.ESMTP):
             return None
         envelope = self._envelope(scanner.size)
         d = self._hook("on_data", envelope, message)
-        d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message, result))
+        strip = inbound_patterns(self.listener, self.factory.gateway)
+        d.addCallback(lambda result: hand_off(self.factory.queue, self.hostname, envelope, message,
+                                              result, strip))
         d.addCallback(self._handed_off)
         d.addErrback(self._queue_failed, envelope)
         d.addBoth(self._after_message)
@@ -653,12 +698,15 @@ class SMTPServer(smtp.ESMTP):
             client_port=self.client_port, helo=self.helo, listener=self.listener.name,
             user=self.user.name if self.user is not None else None,
             tls_version=version, tls_cipher=cipher, protocol=self._protocol_name(),
-            received_at=self.clock.seconds(), size=size, body=self.body_type)
+            received_at=self.clock.seconds(), size=size, body=self.body_type,
+            **esmtp.envelope_fields(self.mail_params, self.rcpt_params))
 
     def _protocol_name(self):
         if not self.esmtp:
             return "SMTP"
-        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.user is not None else "")
+        # RFC 3848 / RFC 6531 4.3: UTF8SMTP for an SMTPUTF8 transaction.
+        base = "UTF8SMTP" if self.mail_params.get("SMTPUTF8") else "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.user is not None else "")
 
     def do_RSET(self, arg):
         self._reset_transaction()
@@ -683,6 +731,10 @@ class SMTPServer(smtp.ESMTP):
         self.sender = None
         self.recipients = []
         self.body_type = "7BIT"
+        self.mail_params = {}  # MAIL's ESMTP parameters (mailgate.smtp.params)
+        self.bdat = None  # the ChunkScanner of a transaction sending BDAT chunks
+        self.bdat_declared = 0  # octets announced by its chunks so far
+        self.rcpt_params = {}  # recipient (as stored) -> its RCPT parameters
         if self.session is not None:
             self.session.transaction.clear()
 
@@ -702,7 +754,7 @@ class SMTPFactory(protocol.ServerFactory):
     noisy = False  # mailgate logs its own listener events
 
     def __init__(self, listener, gateway, clock, queue, new_queue_id, auth=None, tls=None, hooks=None,
-                 events=None, anvil=None):
+                 events=None, anvil=None, recipients=None, client_certs=None):
         self.listener = listener
         self.gateway = gateway
         self.clock = clock
@@ -714,6 +766,8 @@ class SMTPFactory(protocol.ServerFactory):
         self.events = events  # a mailgate.events.EventBus, or None
         # The counters across sessions: the gateway shares one among all its listeners.
         self.anvil = anvil if anvil is not None else Anvil(clock)
+        self.recipients = recipients  # an IRecipientValidator for recipients = ldap, or None
+        self.client_certs = client_certs  # a clientcert.ClientCertificates, or None
         self.gate = Gate()
 
     def buildProtocol(self, addr):

@@ -25,6 +25,7 @@ from mailgate.config import (
     FilterSection,
     GatewayConfig,
     Int,
+    LDAPConfig,
     Limits,
     ListenerConfig,
     QueueConfig,
@@ -34,6 +35,7 @@ from mailgate.config import (
     load_config,
     render_config,
 )
+from mailgate.config.delivery import EXCHANGE_HEADERS
 from mailgate.errors import ConfigError
 
 from tests import REPO
@@ -83,7 +85,9 @@ def test_defaults_match_the_config_classes(tmp_path):
     assert listener == ListenerConfig(
         name="mx", endpoint="tcp:2525", role="relay", tls="none", auth="none",
         filters=("spf", "dkim", "dmarc", "attachments"),  # the relay default; the attrs one is submission's
+        header_firewall=True,  # a relay listener without relay_ips: mail from the internet
     )
+    assert config.ldap == LDAPConfig()
     assert config.dns == DNSConfig()
     assert config.delivery == DeliveryConfig()
     assert config.routes == ()  # allowed: then every recipient bounces "no route"
@@ -705,7 +709,8 @@ def test_route_defaults(tmp_path):
     config = load(tmp_path, PLAIN + route("in", smarthost="exchange.corp.example") + MX_ROUTE)
     assert config.routes == (
         RouteConfig(name="in", domains=("example.com",), smarthosts=(("exchange.corp.example", 25),)),
-        RouteConfig(name="out", domains=("*",), mx=True, dkim_sign=True),
+        RouteConfig(name="out", domains=("*",), mx=True, dkim_sign=True,
+                    strip_headers=EXCHANGE_HEADERS),
     )
 
 
@@ -1104,7 +1109,8 @@ def test_example_loads():
     assert config.auth.users_file == os.path.join(REPO, "etc", "users")
     assert config.routes == (
         RouteConfig(name="internal", domains=("example.com",), smarthosts=(("127.0.0.1", 2526),)),
-        RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True),
+        RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True,
+                    strip_headers=EXCHANGE_HEADERS),
     )
     assert (config.dns, config.delivery, config.dkim) == (DNSConfig(), DeliveryConfig(), DKIMConfig())
     assert config.tls.ca_file is None
@@ -1147,14 +1153,24 @@ def test_readme_exchange_example_loads(tmp_path):
     pem, _ = generate_key("rsa", 2048)
     write_key(str(tmp_path / "dkim.key"), pem)
     (tmp_path / "users").write_text("")
+    (tmp_path / "ldap.password").write_text("secret\n")
     text = (text.replace("/etc/mailgate/tls/mx1.contoso.example.pem", cert)
             .replace("/etc/mailgate/tls/mx1.contoso.example.key", key)
+            .replace("/etc/mailgate/tls/corp-ca.pem", ca.ca_path)
+            .replace("/etc/mailgate/tls/public-cas.pem", ca.ca_path)
+            .replace("/etc/mailgate/ldap.password", str(tmp_path / "ldap.password"))
             .replace("/etc/mailgate/users", str(tmp_path / "users"))
             .replace("/etc/mailgate/dkim/mg2026.contoso.example.key", str(tmp_path / "dkim.key")))
     config = load(tmp_path, text)
-    assert [l.name for l in config.listeners] == ["internet", "exchange", "submission"]
+    assert [l.name for l in config.listeners] == ["internet", "exchange", "partners", "submission"]
+    assert [l.recipients for l in config.listeners] == ["ldap", "any", "any", "any"]
+    assert [l.header_firewall for l in config.listeners] == [True, False, True, False]
+    assert config.listeners[2].relay_client_certs == ("mail.protection.outlook.com",)
+    assert config.auth.backend == ("ldap", "file")
+    assert len(config.ldap.servers) == 2 and "userAccountControl" in config.ldap.user_filter
     assert [r.name for r in config.routes] == ["exchange", "internet"]
     assert config.routes[1].dkim_sign and not config.routes[0].dkim_sign
+    assert config.routes[1].strip_headers and not config.routes[0].strip_headers
 
 
 # --- filters: [listener:NAME] filters, [filters], [filter:NAME], [spf], [dmarc], [attachments] ---

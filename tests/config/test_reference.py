@@ -113,11 +113,14 @@ def test_keys_alike_share_one_row(monkeypatch):
     assert reference.table("x").endswith("\n| any key | integer ≥ 1 | `3` | A first. |\n")
 
 
-def test_a_table_cell_holds_no_pipe(monkeypatch):
-    section = Section("x", {"a": Key(Int(), "1", doc="a | b.")}, None, None)
+def test_a_table_cell_holds_no_newline_and_escapes_a_pipe(monkeypatch):
+    section = Section("x", {"a": Key(Int(), "1", doc="a\nb.")}, None, None)
     monkeypatch.setitem(SECTIONS, "x", section)
-    with pytest.raises(ValueError, match=r"^\[x\]: a table cell may hold neither"):
+    with pytest.raises(ValueError, match=r"^\[x\]: a table cell may not hold a newline"):
         reference.table("x")
+    section = Section("x", {"a": Key(Int(), "1", doc="`(|(a=1)(b=2))`.")}, None, None)
+    monkeypatch.setitem(SECTIONS, "x", section)
+    assert reference.table("x").endswith("| `a` | integer | `1` | `(\\|(a=1)(b=2))`. |\n")
 
 
 def test_main_prints_and_rewrites(tmp_path, capsys):

@@ -397,3 +397,16 @@ class WildcardListenerTests(HopsTestCase):
     @defer.inlineCallbacks
     def test_mx_on_loopback(self):
         yield self.assertRoutingError(self.hops("ordered.test"), "5.4.6", True)
+
+
+def test_idna_domains_route_by_their_a_label():
+    from mailgate.config import RouteConfig
+    from mailgate.delivery.routing import Router
+
+    route = RouteConfig(name="b", domains=("xn--bcher-kva.example", ".xn--mnchen-3ya.example"),
+                        smarthosts=(("192.0.2.1", 25),))
+    router = Router([route], None, "mx.example.net", set(), 25)
+    assert router.route_for("bücher.example") is route
+    assert router.route_for("BÜCHER.example.") is route
+    assert router.route_for("mx.münchen.example") is route
+    assert router.route_for("other.example") is None

@@ -47,17 +47,20 @@ class FakeDeliverer:
     def __init__(self):
         self.replies = {}
         self.calls = []
+        self.transfers = []
+        self.dsn = False  # results say the hop took over DSN
         self.hold = False
         self.pending = []
 
-    def deliver(self, route, hops, sender, recipients, data):
+    def deliver(self, route, hops, sender, recipients, data, transfer=None):
         self.calls.append((route.name, sender, tuple(recipients), data))
+        self.transfers.append(transfer)
         results = []
         for rcpt in recipients:
             code, status = self.replies.get(rcpt, (250, "2.0.0"))
             outcome = "delivered" if code < 400 else "deferred" if code < 500 else "bounced"
             results.append(RecipientResult(rcpt, outcome, code, status, "reply %d" % code, hops[0],
-                                           session="out%d" % len(self.calls)))
+                                           session="out%d" % len(self.calls), dsn=self.dsn))
         if self.hold:
             d = defer.Deferred()
             self.pending.append((d, results))
@@ -84,7 +87,9 @@ class FakeConfig:
     gateway = attr.ib(default=GatewayConfig(hostname="mx.example.net"))
 
 
-class SchedulerTests(unittest.TestCase):
+class SchedulerCase(unittest.TestCase):
+    """A scheduler on a real spool with the fakes above (no tests of its own: see below)."""
+
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(1_000_000)
@@ -128,6 +133,8 @@ class SchedulerTests(unittest.TestCase):
         raw = self.successResultOf(self.spool.load_state(qid))
         return MessageState.from_bytes(raw, None)
 
+
+class SchedulerTests(SchedulerCase):
     def test_retry_delay_repeats_last(self):
         schedule = (60.0, 300.0, 900.0)
         self.assertEqual([retry_delay(schedule, n) for n in (1, 2, 3, 4, 9)],
@@ -151,6 +158,19 @@ class SchedulerTests(unittest.TestCase):
         for _, _, _, data in self.deliverer.calls:
             self.assertTrue(data.startswith(b"DKIM-Signature: v=1; d=sender.example; b=fake\r\n" + BODY[:5]))
         self.assertEqual(self.signer.calls, 1)
+
+    def test_route_strip_headers_go_before_signing(self):
+        self.start()
+        route = attr.evolve(MX_ROUTE, strip_headers=("x-ms-exchange-organization-*",))
+        self.router.route_for = lambda domain: route
+        signed = []
+        self.signer.sign = lambda data: signed.append(data) or defer.succeed(b"DKIM-Signature: x\r\n")
+        envelope = Envelope(queue_id="Q1", sender="a@sender.example", recipients=("u@remote.example",),
+                            client_ip="10.0.0.1", received_at=self.clock.seconds())
+        internal = b"X-MS-Exchange-Organization-SCL: -1\r\n"
+        self.successResultOf(self.spool.enqueue(envelope, internal + BODY))
+        self.assertEqual(signed, [BODY])
+        self.assertEqual(self.deliverer.calls[0][3], b"DKIM-Signature: x\r\n" + BODY)
 
     def test_smarthost_route_without_dkim_sign_is_not_signed(self):
         self.start()

@@ -24,7 +24,8 @@ from tests.tlsutil import make_ca
 ALICE = ("alice@example.com", "alice-secret-1")  # no senders listed: may send as herself
 BOB = ("bob", "bob-secret-2")  # a plain username granted bob@example.com and @example.org
 
-EHLO_BASE = ["PIPELINING", "SIZE 1048576", "8BITMIME", "ENHANCEDSTATUSCODES"]
+EHLO_BASE = ["PIPELINING", "SIZE 1048576", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING",
+             "SMTPUTF8", "DSN"]
 
 
 class Env:

@@ -108,6 +108,13 @@ def _parser():
         _config_option(action)
         action.set_defaults(run=_queue)
 
+    upgrade = commands.add_parser(
+        "db-upgrade",
+        help="create or upgrade the PostgreSQL queue's schema ([queue] backend = postgresql)",
+    )
+    _config_option(upgrade)
+    upgrade.set_defaults(run=_db_upgrade)
+
     reload_ = commands.add_parser(
         "reload", help="make the running gateway re-read its configuration and users file"
     )
@@ -376,6 +383,30 @@ def _queue(args):
     from mailgate.ops import admin  # only the queue and reload commands need it
 
     return admin.cli_queue(args, _print, _fail)
+
+
+def _db_upgrade(args):
+    from mailgate.config import config_file
+    from mailgate.queue import migrations
+    from mailgate.queue.claims import QueueUnavailable
+
+    path = config_file(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return _fail(str(e))
+    if config.queue.backend != "postgresql":
+        return _fail("%s: [queue] backend is %s: there is no database to upgrade"
+                     % (path, config.queue.backend))
+    try:
+        before, after = migrations.upgrade_database(config.queue, say=_print)
+    except (QueueUnavailable, ValueError) as e:
+        return _fail(str(e))
+    if before == after:
+        _print("database schema is at version %d: nothing to do" % (after,))
+    else:
+        _print("database schema upgraded from version %d to %d" % (before, after))
+    return 0
 
 
 def _reload(args):

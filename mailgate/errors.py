@@ -56,3 +56,10 @@ class RoutingError(Exception):
 
     def __str__(self):
         return "%s %s" % (self.status, self.text)
+
+
+class QueueUnavailable(Exception):
+    """
+    The queue's storage cannot be reached right now (a database down or failing over): the
+    client is told 451 4.3.0 and tries again; nothing was stored.  str: one line, why.
+    """

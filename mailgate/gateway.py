@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgate import tls as mailtls
+from mailgate.config.types import proxied_endpoint
 from mailgate.errors import ConfigError
 from mailgate.queue import new_queue_id
 from mailgate.smtp.gate import Gate
@@ -27,6 +28,7 @@ from mailgate.smtp.listener import (
     AdoptedEndpoint, ListenerFactory, ListenerService, listening_endpoint, listening_socket,
     tls_factory,
 )
+from mailgate.smtp.proxy import ProxyHeaderFactory
 
 log = Logger()
 
@@ -80,7 +82,14 @@ class GatewayService(service.MultiService):
         for factory in self.factories:
             factory.gate = gate
         self._queue_ready = False
-        self.ready = defer.maybeDeferred(self.queue.recover) if self.recover else defer.succeed(0)
+        if self.recover:
+            self.ready = defer.maybeDeferred(self.queue.recover)
+        else:
+            # A receiver process: the main process recovered the queue; connect to it (a
+            # database's connections), as recover would have.
+            opener = getattr(self.queue, "open", None)
+            self.ready = defer.maybeDeferred(opener) if opener is not None else defer.succeed(0)
+            self.ready.addCallback(lambda _: 0)
         self.ready.addCallbacks(self._recovered, self._recovery_failed, callbackArgs=(gate,),
                                 errbackArgs=(gate,))
         service.MultiService.startService(self)
@@ -149,7 +158,10 @@ class GatewayService(service.MultiService):
             self.certificate_watch = None
         if self.delivery is not None and self.delivery.running:
             self.delivery.stopService()
-        stopped = service.MultiService.stopService(self)
+        stopped = defer.maybeDeferred(service.MultiService.stopService, self)
+        close = getattr(self.queue, "close", None)  # a database queue's connections
+        if close is not None:
+            stopped.addBoth(lambda result: (close(), result)[1])
         if receivers is None:
             return stopped
         return defer.gatherResults([receivers, stopped], consumeErrors=True)
@@ -161,6 +173,11 @@ class GatewayService(service.MultiService):
     def _recovery_failed(self, failure, gate):
         log.failure("queue recovery failed: refusing mail", failure)
         gate.fail(failure)
+
+    @property
+    def anvil(self):
+        """The counters across sessions (mailgate.smtp.anvil) the listeners share."""
+        return self._builder.anvil
 
     def listeners(self):
         """The ListenerServices, in configuration order."""
@@ -274,11 +291,14 @@ class GatewayService(service.MultiService):
         if listener.tls == "implicit":
             wrapped = tls_factory(self._builder.current_tls.of(listener.name), factory,
                                   self._builder.reactor)
+        proxied, description = proxied_endpoint(listener.endpoint)
+        if proxied:  # the PROXY header comes first, before TLS and SMTP
+            wrapped = ProxyHeaderFactory(wrapped, factory, self._builder.reactor)
         if self.adopted is not None:
             fd, family = self.adopted[listener.name]
             endpoint = AdoptedEndpoint(self._builder.reactor, fd, family)
         else:
-            endpoint = listening_endpoint(self._builder.reactor, listener)
+            endpoint = listening_endpoint(self._builder.reactor, listener, description)
         listening = ListenerService(config, listener, endpoint, wrapped,
                                     self._builder.local_addresses, smtp_factory=factory)
         listening.accepting = self.accepting

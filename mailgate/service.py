@@ -188,8 +188,10 @@ class _Builder:
 
 def _check_unchanged(config, old):
     """What a reload cannot change."""
-    if (config.queue.backend, config.queue.path) != (old.queue.backend, old.queue.path):
-        raise ConfigError(config.path, "queue", "path",
+    if config.queue != old.queue:
+        key = next(k for k in ("backend", "path", "dsn", "password_file", "node_id", "lease",
+                               "pool_size") if getattr(config.queue, k) != getattr(old.queue, k))
+        raise ConfigError(config.path, "queue", key,
                           "the queue cannot change on a reload (restart the gateway)")
 
 
@@ -237,6 +239,15 @@ def _client_certificates(config):
     return options, certificates
 
 
+def make_queue(config, reactor, threadpool=None, run_in_thread=None):
+    """The IQueue (and IWorkSource) of [queue] backend: the spool, or the shared PostgreSQL queue."""
+    if config.queue.backend == "postgresql":
+        from mailgate.queue.postgresql import PostgresQueue
+
+        return PostgresQueue(config.queue, reactor, config.path)
+    return Spool(config.queue.path, reactor, threadpool, run_in_thread)
+
+
 def _tls_options(config):
     if not any(listener.tls != "none" for listener in config.listeners):
         return None
@@ -278,7 +289,7 @@ def build_service(config, reactor, threadpool=None, run_in_thread=None, hooks=No
                        events=events, metrics=metrics)
     parts = builder.prepare(config)
     builder.commit(parts)
-    queue = Spool(config.queue.path, reactor, threadpool, run_in_thread)
+    queue = make_queue(config, reactor, threadpool, run_in_thread)
     delivery = None
     if deliver:
         delivery = DeliveryService(queue, builder.router(parts), parts.deliverer or deliverer, config,

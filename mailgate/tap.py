@@ -91,6 +91,27 @@ class _ReloadOnHangup(service.Service):
         d.addErrback(lambda failure: None)  # refused: reload() has logged why
 
 
+def _check_database(config):
+    """
+    backend = postgresql: refuse to start on a schema behind or ahead of this mailgate, with the
+    command to run.  Blocking, but the reactor is not running yet.  An unreachable database is
+    not a reason to refuse: the gateway answers 451 until it is back.
+    """
+    if config.queue.backend != "postgresql":
+        return
+    from mailgate.queue import migrations
+    from mailgate.queue.claims import QueueUnavailable
+
+    try:
+        problem = migrations.check_database(config.queue, config.path)
+    except QueueUnavailable as e:
+        log.warn("queue: {error}; starting anyway (mail is refused with 451 until it is back)",
+                 error=str(e))
+        return
+    if problem:
+        raise ConfigError(config.path, "queue", "dsn", problem)
+
+
 def makeService(options):
     from twisted.internet import reactor
 
@@ -99,6 +120,7 @@ def makeService(options):
 
     try:
         config = load_config(options["config"])
+        _check_database(config)
         # [gateway] workers: receiver processes on both cores (an embedder's gateway is one).
         gateway = Gateway.from_config(config, reactor=reactor, receivers=receiver_count(config))
     except ConfigError as e:

@@ -70,19 +70,19 @@ class MemoryQueue:
         entries = [(self.where.get(e.queue_id, "active"), e) for e, _ in self.messages.values()]
         return defer.succeed([(s, e) for s, e in entries if state is None or s == state])
 
-    def move(self, queue_id, state):
+    def move(self, queue_id, state, claim=None):
         if queue_id in self.messages and self.where.get(queue_id) != state:
             self.where[queue_id] = state
             self._notify(queue_id, state)
         return defer.succeed(None)
 
-    def remove(self, queue_id):
+    def remove(self, queue_id, claim=None):
         self.messages.pop(queue_id, None)
         self.where.pop(queue_id, None)
         self.saved_states.pop(queue_id, None)
         return defer.succeed(None)
 
-    def save_state(self, queue_id, data):
+    def save_state(self, queue_id, data, claim=None):
         if queue_id not in self.messages:
             return defer.fail(KeyError(queue_id))
         self.saved_states[queue_id] = bytes(data)
@@ -90,6 +90,9 @@ class MemoryQueue:
 
     def load_state(self, queue_id):
         return defer.succeed(self.saved_states.get(queue_id))
+
+    def check_writable(self):
+        return defer.succeed(not self.fail)
 
     def subscribe(self, callback):
         self.subscribers.append(callback)

@@ -197,3 +197,30 @@ class DirectoryWiringTests(unittest.TestCase):
         gateway = self.build(("file",), recipients="any")
         self.assertIsInstance(gateway.factories[0].auth, UsersFile)
         self.assertIsNone(gateway._parts.directory)  # nothing uses [ldap]: no client at all
+
+
+class ReceiverQueueTests(unittest.TestCase):
+    """A receiver process never recovers the queue (the main process did); it opens it."""
+
+    def test_open_instead_of_recover(self):
+        from mailgate.gateway import GatewayService
+
+        calls = []
+
+        class Queue:
+            def recover(self):
+                calls.append("recover")
+                return 0
+
+            def open(self):
+                calls.append("open")
+
+            def close(self):
+                calls.append("close")
+
+        service = GatewayService(make_config(self), Queue(), [], None, recover=False)
+        service.startService()
+        self.assertEqual(calls, ["open"])
+        self.assertTrue(service.ready.called)
+        service.stopService()
+        self.assertEqual(calls, ["open", "close"])

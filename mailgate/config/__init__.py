@@ -48,7 +48,7 @@ from mailgate.config.render import HIDDEN, SECRET_KEYS, SECRET_OPTION_WORDS, ren
 from mailgate.config.schema import REQUIRED, Key, Section
 from mailgate.config.sections import SECTIONS, Config
 from mailgate.config.types import (BUILTIN_FILTERS, RELAY_IPS, Bool, Choice, ChoiceList, Command,
-                                   DomainList, Duration, DurationList, Endpoint, ExemptList,
+                                   DomainList, Dsn, Duration, DurationList, Endpoint, ExemptList,
                                    ExtensionList, FilterList, HeaderList, HeaderPatternList,
                                    HostList, Hostname, Int, Label, MimeTypeList, NameserverList,
                                    NetworkList, OptionalEndpoint, Path, Port, Rate, RateLimit,
@@ -72,7 +72,7 @@ __all__ = [
     "DMARC_KEYS", "ATTACHMENTS_KEYS", "LOGGING_KEYS", "METRICS_KEYS", "ALERTS_KEYS", "ADMIN_KEYS",
     # The value kinds.
     "Int", "Size", "Duration", "Bool", "Choice", "Hostname", "DomainList", "NetworkList", "Path",
-    "Endpoint", "OptionalEndpoint", "Port", "NameserverList", "HostList", "DurationList",
+    "Endpoint", "Dsn", "OptionalEndpoint", "Port", "NameserverList", "HostList", "DurationList",
     "RouteDomains", "Label", "HeaderList", "Text", "SecretFile", "FilterList", "ExtensionList",
     "MimeTypeList", "Ratio", "Command", "RateLimit", "ExemptList", "Rate", "RELAY_IPS",
     "LDAPURIList", "LDAPFilterTemplate", "HeaderPatternList", "ChoiceList",

@@ -8,7 +8,8 @@ import attr
 from mailgate.config.gateway import LIMITS_KEYS, Limits
 from mailgate.config.schema import Key, Section, _inherit, _plain
 from mailgate.config.types import (BUILTIN_FILTERS, Bool, Choice, ChoiceList, DomainList,
-                                   Endpoint, FilterList, Int, NetworkList, Path, Size)
+                                   Endpoint, FilterList, Int, NetworkList, Path, Size,
+                                   proxied_endpoint)
 
 DEFAULT_FILTERS = {"relay": BUILTIN_FILTERS, "submission": ("attachments",)}
 
@@ -48,6 +49,8 @@ class ListenerConfig:
     recipients = attr.ib(default="any")  # "any" | "ldap": RCPT to an accepted domain looked up
     header_firewall = attr.ib(default=False)  # strip Exchange's internal headers on the way in
     relay_client_certs = attr.ib(default=())  # names a trusted client certificate may carry
+    # With a haproxy: endpoint: the load balancers that may send a PROXY header.
+    proxy_from = attr.ib(default=())
 
 
 def _by_role(submission, relay):
@@ -121,7 +124,10 @@ LISTENER_KEYS = {
         r"`tcp:587:interface=192.0.2.1`, `tcp6:25:interface=\:\:`, "
         r"`unix:/run/mailgate/smtp.sock`, `systemd:domain=INET:index=0`).  `ssl:` is refused: "
         r"write a `tcp:` endpoint and `tls = implicit`.  Two listeners may not have the same "
-        r"endpoint.",
+        r"endpoint.  `haproxy:` before any of them (`haproxy:tcp:25`) is a listener behind a "
+        r"load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming "
+        r"the real client, which `allowed_ips`, `relay_ips`, limits, logs, `Received:` and SPF "
+        r"then see; it needs `proxy_from`.",
     ),
     "role": Key(
         Choice(("submission", "relay")),
@@ -154,6 +160,15 @@ LISTENER_KEYS = {
         NetworkList(), "",
         doc="Clients that may send to any domain without AUTH (for example your own servers).",
         example="127.0.0.0/8, ::1",
+    ),
+    "proxy_from": Key(
+        NetworkList(), "",
+        doc="With a `haproxy:` endpoint: the load balancers' addresses, the only peers that may "
+        "send a PROXY header; a connection from anywhere else is refused (closed, and logged) "
+        "before anything is read from it.  Required with `haproxy:tcp`, `haproxy:tcp6` and "
+        "`haproxy:systemd` endpoints; on `haproxy:unix` the socket's file permissions say who "
+        "may connect, and it may be left empty.  Not allowed without `haproxy:`.",
+        example="10.0.0.5, 10.0.0.6",
     ),
     "max_message_size": Key(
         Size(), _inherit("gateway", "max_message_size"),
@@ -247,6 +262,11 @@ def _check_listener(values):
         return "auth", "auth = required needs tls"
     if values["relay_client_certs"] and values["tls"] == "none":
         return "relay_client_certs", "needs tls other than none: certificates come with TLS"
+    proxied, inner = proxied_endpoint(values["endpoint"])
+    if values["proxy_from"] and not proxied:
+        return "proxy_from", "only used with a haproxy: endpoint (haproxy:tcp:25)"
+    if proxied and not values["proxy_from"] and not inner.startswith("unix:"):
+        return "proxy_from", "required with a haproxy: endpoint: the load balancers' addresses"
     return None
 
 

@@ -34,6 +34,8 @@ def render_config(config, show_secrets=False):
                 text = spec.kind.render(values[key])
                 if key in SECRET_KEYS and values[key] is not None and not show_secrets:
                     text = HIDDEN
+                elif hasattr(spec.kind, "render_hidden") and not show_secrets:
+                    text = spec.kind.render_hidden(values[key], HIDDEN)
                 lines.append(_line(key, text))
     return "\n".join(lines) + "\n"
 

@@ -280,22 +280,36 @@ class Path:
 
 
 _ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+PROXY_PREFIX = "haproxy:"  # the PROXY protocol (v1 and v2) around any of _ENDPOINT_TYPES
+
+
+def proxied_endpoint(text):
+    """(whether text asks for the PROXY protocol, the endpoint string inside)."""
+    if text.startswith(PROXY_PREFIX):
+        return True, text[len(PROXY_PREFIX):]
+    return False, text
 
 
 @attr.s(frozen=True)
 class Endpoint:
-    """A Twisted server endpoint string of an allowed type, kept as written."""
+    """
+    A Twisted server endpoint string of an allowed type, kept as written; `haproxy:` before one
+    of them for listeners behind a load balancer that sends the PROXY protocol.
+    """
 
     def parse(self, text, base):
-        kind = text.split(":", 1)[0]
+        proxied, inner = proxied_endpoint(text)
+        if proxied and inner.startswith(PROXY_PREFIX):
+            raise _expected("haproxy: once, around a tcp, tcp6, unix or systemd endpoint", text)
+        kind = inner.split(":", 1)[0]
         if kind == "ssl":
             message = "ssl endpoints are not used: write tcp:PORT and tls = implicit, got %r"
             raise ValueError(message % text)
-        if kind not in _ENDPOINT_TYPES or ":" not in text:
-            what = "an endpoint like tcp:25 of type %s" % ", ".join(_ENDPOINT_TYPES)
-            raise _expected(what, text)
+        if kind not in _ENDPOINT_TYPES or ":" not in inner:
+            what = "an endpoint like tcp:25 of type %s (or haproxy: before one)"
+            raise _expected(what % ", ".join(_ENDPOINT_TYPES), text)
         try:
-            endpoint = endpoints.serverFromString(None, text)
+            endpoint = endpoints.serverFromString(None, inner)
         except (IndexError, KeyError):
             if kind != "systemd":
                 raise _expected("a valid %s endpoint" % kind, text) from None
@@ -600,6 +614,60 @@ class Text:
 
     def render(self, value):
         return "" if value is None else value
+
+
+_DSN_URL = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+_DSN_PAIR = re.compile(r"""\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']+)""")
+_DSN_URL_PASSWORD = re.compile(r"\A(postgres(?:ql)?://[^:@/?#]*:)([^@/?#]*)(@)", re.IGNORECASE)
+
+
+def _dsn_pairs(text):
+    """The (key, value) pairs of a libpq key=value connection string; ValueError when it is not one."""
+    pairs, position = [], 0
+    while text[position:].strip():
+        match = _DSN_PAIR.match(text, position)
+        if not match:
+            raise _expected("a libpq connection string (key=value ...) or a postgresql:// URL", text)
+        pairs.append((match.group(1).lower(), match.group(2)))
+        position = match.end()
+    return pairs
+
+
+@attr.s(frozen=True)
+class Dsn:
+    """
+    A libpq connection string (key=value pairs) or postgresql:// URL, kept as written; checked
+    for its shape only (libpq itself judges the keys).  render_hidden() masks a password in it.
+    """
+
+    EMPTY = "not set"
+
+    def parse(self, text, base):
+        if not text:
+            return None
+        if "\n" in text:
+            raise ValueError("expected a single line, got a value continued on the next line")
+        if not _DSN_URL.match(text):
+            if not _dsn_pairs(text):
+                raise _expected("a libpq connection string or a postgresql:// URL", text)
+        return text
+
+    def describe(self):
+        return "libpq connection string or URL"
+
+    def render(self, value):
+        return "" if value is None else value
+
+    def render_hidden(self, value, hidden):
+        """value with any password in it replaced by hidden (for check-config)."""
+        if value is None:
+            return ""
+        if _DSN_URL.match(value):
+            value = _DSN_URL_PASSWORD.sub(lambda m: m.group(1) + hidden + m.group(3), value)
+            return re.sub(r"([?&]password=)[^&]*", lambda m: m.group(1) + hidden, value)
+        return _DSN_PAIR.sub(
+            lambda m: m.group(0) if m.group(1).lower() != "password"
+            else m.group(0)[: m.start(2) - m.start(0)] + hidden, value)
 
 
 def _file_problem(filename):

@@ -13,11 +13,18 @@ that they agree with the rounds and timers: an operation on a message withdraws 
 timer is cancelled and a round in progress for it will neither move it back to deferred/ nor
 schedule it again), then acts on the queue.  reconfigure() swaps in new routes and settings on a
 reload; rounds in progress finish with what they started with.
+
+Which process delivers what is the work source's (mailgate.interfaces.IWorkSource, the queue
+itself by default): a round runs only under a claim on its message, renewed every third of the
+lease while it runs and given to every save_state, move and remove, and released at its end.
+Work is found by the queue's notices of its own commits (subscribe), by the other processes'
+notices (on_due), by retry timers, and by claim_due sweeps every poll_interval (sooner when the
+work source says when the next message falls due).  A claim that is lost (another node took
+the message over) ends the round quietly; an outcome that cannot be recorded because the queue
+is unreachable is tried again until it can, so that a delivery in flight during a database
+outage is recorded once the database is back.
 """
 
-import json
-
-import attr
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -28,11 +35,15 @@ from mailgate.delivery.extensions import Transfer
 from mailgate.envelope import Envelope, RecipientResult
 from mailgate.errors import RoutingError
 from mailgate.events import message_id
+from mailgate.interfaces import IWorkSource
+from mailgate.queue.claims import LeaseLost, LocalClaims, QueueUnavailable
+from mailgate.queue.state import DeliveryState as MessageState  # noqa: F401 (its old home)
 
 log = Logger()
 
-SWEEP_INTERVAL = 300.0  # seconds between backstop scans of the queue
+SWEEP_INTERVAL = 300.0  # seconds between backstop scans of a queue that says nothing else
 DELIVERABLE = ("active", "deferred")
+RECORD_RETRY = (1.0, 30.0)  # first and longest wait between tries to record an outcome
 ADMIN_BOUNCE = (550, "5.0.0", "Delivery cancelled by the administrator")
 
 
@@ -115,58 +126,6 @@ def _domain(recipient):
     return recipient.rsplit("@", 1)[-1].lower()
 
 
-@attr.s
-class MessageState:
-    """What the queue's state file holds for one message (JSON)."""
-
-    recipients = attr.ib()  # {address: {"outcome", "code", "status", "text", "remote", "at", "reported"}}
-    attempts = attr.ib(default=0)  # completed delivery rounds
-    next_attempt = attr.ib(default=0.0)
-    delay_warned = attr.ib(default=False)
-    dkim = attr.ib(factory=dict)  # route name -> DKIM-Signature header (str), made once
-
-    @classmethod
-    def new(cls, envelope):
-        return cls(recipients={r: {"outcome": "pending"} for r in envelope.recipients})
-
-    @classmethod
-    def from_bytes(cls, data, envelope):
-        if data is None:
-            return cls.new(envelope)
-        fields = json.loads(data.decode("utf-8"))
-        return cls(**{a.name: fields[a.name] for a in attr.fields(cls) if a.name in fields})
-
-    def to_bytes(self):
-        return json.dumps(attr.asdict(self), sort_keys=True).encode("utf-8")
-
-    def pending(self):
-        return [r for r, s in self.recipients.items() if s["outcome"] in ("pending", "deferred")]
-
-    def record(self, result, now):
-        self.recipients[result.recipient] = {
-            "outcome": result.outcome, "code": result.code, "status": result.status,
-            "text": result.text, "remote": result.remote.name if result.remote else None,
-            "at": now, "reported": False, "dsn": bool(result.dsn)}
-
-    def unreported(self, outcome):
-        return [r for r, s in self.recipients.items() if s["outcome"] == outcome and not s.get("reported")]
-
-    def as_result(self, recipient):
-        s = self.recipients[recipient]
-        remote = _Remote(s["remote"]) if s.get("remote") else None
-        return RecipientResult(recipient, s["outcome"], s.get("code") or 0, s.get("status") or "",
-                               s.get("text") or "", remote), s.get("at") or 0.0
-
-
-@attr.s(frozen=True)
-class _Remote:
-    """Enough of a Hop for bounce.make_dsn (it only reports the name)."""
-
-    name = attr.ib()
-    address = attr.ib(default=None)
-    port = attr.ib(default=None)
-
-
 class DeliveryService(service.Service):
     """
     Delivers what the queue holds.  router gives routes and hops, deliverer makes one SMTP
@@ -175,8 +134,12 @@ class DeliveryService(service.Service):
 
     name = "delivery"
 
-    def __init__(self, queue, router, deliverer, config, clock, new_queue_id, signer=None, events=None):
+    def __init__(self, queue, router, deliverer, config, clock, new_queue_id, signer=None, events=None,
+                 work=None):
         self.queue = queue
+        if work is None:  # IWorkSource: which process delivers what
+            work = queue if IWorkSource.providedBy(queue) else LocalClaims(queue)
+        self.work = work
         self.router = router
         self.deliverer = deliverer
         self.delivery = config.delivery
@@ -195,8 +158,13 @@ class DeliveryService(service.Service):
         # from the older state on disk, so what was delivered is not sent again meanwhile.
         self._unsaved = {}  # queue_id -> MessageState
         self._withdrawn = {}  # queue_id -> token of the admin operation that owns it now
-        self._sweeper = None
+        self._claims = {}  # queue_id -> Claim of the round in progress
+        self._sweeping = None  # the Deferred of the sweep in progress
+        self._sweep_again = False
+        self._sweep_call = None
+        self._renewer = None
         self._unsubscribe = None
+        self._unsubscribe_due = None
 
     def reconfigure(self, config, router, deliverer=None, signer=None):
         """
@@ -220,18 +188,26 @@ class DeliveryService(service.Service):
     def startService(self):
         service.Service.startService(self)
         self._unsubscribe = self.queue.subscribe(self._committed)
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = self.clock
-        self._sweeper.start(SWEEP_INTERVAL, now=True).addErrback(
-            lambda f: log.failure("queue sweep stopped", f))
+        self._unsubscribe_due = self.work.on_due(self._announced)
+        lease = self.work.lease
+        if lease:
+            self._renewer = task.LoopingCall(self._renew)
+            self._renewer.clock = self.clock
+            self._renewer.start(lease / 3.0, now=False).addErrback(
+                lambda f: log.failure("claim renewal stopped", f))
+        self.sweep()
 
     def stopService(self):
         service.Service.stopService(self)
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        for unsubscribe in (self._unsubscribe, self._unsubscribe_due):
+            if unsubscribe is not None:
+                unsubscribe()
+        self._unsubscribe = self._unsubscribe_due = None
+        if self._renewer is not None and self._renewer.running:
+            self._renewer.stop()
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
         for call in self._timers.values():
             if call.active():
                 call.cancel()
@@ -248,27 +224,95 @@ class DeliveryService(service.Service):
         if state == "active" and self.running:
             self.wake(queue_id)
 
+    def _announced(self):
+        """Another process says work may be due (new mail, a release, a flush): look now."""
+        if self.running:
+            self.sweep()
+
     def sweep(self):
-        """Backstop: make sure every deliverable message is either running or has a timer."""
-        d = self.queue.list()
+        """
+        Claim what is due and nobody delivers (work.claim_due) and start its rounds; then sweep
+        again after poll_interval, or when the next message falls due if that is sooner.  One
+        sweep at a time: one asked for meanwhile runs right after.  Fires when this one is over.
+        """
+        if self._sweeping is not None:
+            self._sweep_again = True
+            return self._sweeping
+        d = self._sweeping = defer.maybeDeferred(self._sweep)
+        d.addErrback(self._sweep_failed)
+        d.addBoth(self._swept)
+        return d
 
-        def found(entries):
-            for state, envelope in entries:
-                qid = envelope.queue_id
-                if state in DELIVERABLE and qid not in self._running and qid not in self._timers:
-                    self.wake(qid)
+    @defer.inlineCallbacks
+    def _sweep(self):
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        room = 2 * self.delivery.concurrency - len(self._running)  # claims waiting for a slot
+        if room <= 0:
+            self._sweep_again = True  # a round that ends sweeps again
+            return self.work.poll_interval
+        now = self.clock.seconds()
+        due = yield self.work.claim_due(now, room)
+        for claim in due.claims:
+            self.wake(claim.queue_id, claim)
+        if len(due.claims) >= room:
+            self._sweep_again = True
+        delay = self.work.poll_interval
+        if due.next_at is not None:
+            delay = min(delay, max(0.0, due.next_at - self.clock.seconds()))
+        return delay
 
-        return d.addCallback(found)
+    def _sweep_failed(self, failure):
+        if failure.check(QueueUnavailable):
+            log.warn("queue sweep: {error}; trying again later", error=failure.getErrorMessage())
+        else:
+            log.failure("queue sweep failed; trying again later", failure)
+        return min(self.work.poll_interval, 30.0)
+
+    def _swept(self, delay):
+        self._sweeping = None
+        if not self.running:
+            return None
+        if self._sweep_again and len(self._running) < 2 * self.delivery.concurrency:
+            self._sweep_again = False
+            self.sweep()
+        elif delay is not None:
+            self._sweep_call = self.clock.callLater(delay or 0.0, self.sweep)
+        return None
+
+    def _renew(self):
+        """Keep the claims of the rounds in progress (every third of the lease)."""
+        claims = list(self._claims.values())
+        if not claims:
+            return None
+        d = self.work.renew(claims)
+
+        def renewed(lost):
+            for queue_id in lost:
+                log.warn("{queue_id}: claim lost (not renewed in time); another node may deliver "
+                         "it now", queue_id=queue_id)
+
+        def failed(failure):
+            log.warn("could not renew {count} claim(s): {error}", count=len(claims),
+                     error=failure.getErrorMessage())
+
+        return d.addCallbacks(renewed, failed)
 
     # -- one message -----------------------------------------------------------------------------
 
-    def wake(self, queue_id):
-        """Run a delivery round for queue_id now (or right after the one in progress)."""
+    def wake(self, queue_id, claim=None):
+        """
+        Run a delivery round for queue_id now (or right after the one in progress), under claim
+        when the caller holds one, else under one claimed first.
+        """
         self._cancel_timer(queue_id)
         if queue_id in self._running:
             self._again.add(queue_id)
+            if claim is not None:
+                self._release(claim)
             return self._running[queue_id]
-        d = defer.maybeDeferred(self._round, queue_id)
+        d = defer.maybeDeferred(self._round, queue_id, claim)
         d.addErrback(self._round_failed, queue_id)
         self._running[queue_id] = d
         d.addBoth(self._round_done, queue_id)
@@ -279,6 +323,8 @@ class DeliveryService(service.Service):
         if queue_id in self._again and self.running:
             self._again.discard(queue_id)
             self.wake(queue_id)
+        if self._sweep_again and self._sweeping is None and self.running:
+            self.sweep()  # a slot is free for the claims a full sweep left
         return result
 
     def _round_failed(self, failure, queue_id):
@@ -286,7 +332,14 @@ class DeliveryService(service.Service):
             failure = failure.value.subFailure  # from one of the round's destination groups
         if failure.check(KeyError) or queue_id in self._withdrawn:
             return None  # removed (delivered, deleted) or set aside as corrupt meanwhile
-        if failure.check(OSError):  # the disk is full or failing: one line, not a traceback
+        if failure.check(LeaseLost):
+            log.warn("{queue_id}: {error}; stopped (another node or the administrator has it now)",
+                     queue_id=queue_id, error=failure.value.why)
+            return None
+        if failure.check(QueueUnavailable):
+            log.warn("delivery round for {queue_id}: {error}; retrying later", queue_id=queue_id,
+                     error=failure.getErrorMessage())
+        elif failure.check(OSError):  # the disk is full or failing: one line, not a traceback
             log.error("delivery round for {queue_id} failed ({error}); retrying later",
                       queue_id=queue_id, error=failure.getErrorMessage())
         else:
@@ -294,8 +347,72 @@ class DeliveryService(service.Service):
                         queue_id=queue_id)
         self._schedule(queue_id, self.clock.seconds() + retry_delay(self.delivery.retry, 1))
 
+    def _release(self, claim):
+        d = self.work.release(claim)
+        d.addErrback(lambda f: log.warn("could not release the claim on {queue_id}: {error} (it "
+                                        "runs out by itself)", queue_id=claim.queue_id,
+                                        error=f.getErrorMessage()))
+        return d
+
+    def _round(self, queue_id, claim=None):
+        if claim is not None:
+            return self._under(claim)
+        return self.work.claim(queue_id).addCallback(self._claimed, queue_id)
+
+    def _claimed(self, claim, queue_id):
+        if claim is None:
+            log.debug("{queue_id} is being delivered elsewhere", queue_id=queue_id)
+            return None
+        return self._under(claim)
+
+    def _under(self, claim):
+        """The round for claim.queue_id while holding claim, released when it is over."""
+        queue_id = claim.queue_id
+        self._claims[queue_id] = claim
+
+        def over(result):
+            if self._claims.get(queue_id) is claim:
+                del self._claims[queue_id]
+            return self._release(claim).addBoth(lambda _: result)
+
+        return defer.maybeDeferred(self._claimed_round, queue_id).addBoth(over)
+
+    def _save(self, queue_id, msg, claim):
+        """
+        save_state under claim; while the queue is unreachable, tried again (1s, doubling up to
+        30s) until it can be done, so that an outcome already known is never forgotten.
+        """
+        data = msg.to_bytes()
+        return self._record(queue_id, msg, lambda: self.queue.save_state(queue_id, data, claim=claim))
+
+    def _remove(self, queue_id, msg, claim):
+        """remove under claim, as _save records: what removing the message says is as dear."""
+        return self._record(queue_id, msg, lambda: self.queue.remove(queue_id, claim=claim))
+
     @defer.inlineCallbacks
-    def _round(self, queue_id):
+    def _record(self, queue_id, msg, write):
+        wait = RECORD_RETRY[0]
+        while True:
+            try:
+                yield write()
+                return
+            except QueueUnavailable as e:
+                if not self.running:
+                    self._unsaved[queue_id] = msg
+                    raise
+                log.warn("could not record the state of {queue_id} ({error}); trying again in "
+                         "{wait:g}s", queue_id=queue_id, error=str(e), wait=wait)
+                yield task.deferLater(self.clock, wait, lambda: None)
+                wait = min(wait * 2, RECORD_RETRY[1])
+            except LeaseLost:
+                raise  # someone else has the message now: what we know is not ours to keep
+            except Exception:
+                # A full disk, an I/O error: msg is kept, and the next round saves it first.
+                self._unsaved[queue_id] = msg
+                raise
+
+    @defer.inlineCallbacks
+    def _claimed_round(self, queue_id):
         forced = queue_id in self._forced
         self._forced.discard(queue_id)
         state, envelope, data = yield self.queue.load(queue_id)
@@ -305,7 +422,7 @@ class DeliveryService(service.Service):
         if msg is None:
             msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
         else:
-            yield self._save(queue_id, msg)  # the outcomes the last round could not save, first
+            yield self._save(queue_id, msg, self._claims.get(queue_id))  # what the last round could not save, first
         now = self.clock.seconds()
         if msg.next_attempt > now and state == "deferred" and not forced:
             self._schedule(queue_id, msg.next_attempt)
@@ -360,16 +477,6 @@ class DeliveryService(service.Service):
         log.info("{queue_id} expired after {lifetime}", queue_id=envelope.queue_id,
                  lifetime=_human(self.delivery.max_lifetime))
 
-    def _save(self, queue_id, msg):
-        """save_state; when it fails, msg is kept for the next round (which retries the save)."""
-        d = self.queue.save_state(queue_id, msg.to_bytes())
-
-        def failed(failure):
-            self._unsaved[queue_id] = msg
-            return failure
-
-        return d.addErrback(failed)
-
     @defer.inlineCallbacks
     def _deliver_group(self, queue_id, envelope, data, msg, route, key, rcpts, left):
         limit = self._destinations.get(key)
@@ -404,7 +511,7 @@ class DeliveryService(service.Service):
         if left[0] == 0 and self._done(queue_id, msg):
             return  # delivered to all: removing the message records it (no state to write first)
         # The outcome is on disk before anything acts on it (a bounce, a removal, a retry).
-        yield self._save(queue_id, msg)
+        yield self._save(queue_id, msg, self._claims.get(queue_id))
 
     def _done(self, queue_id, msg):
         """Every recipient delivered, nothing to report and no operation waiting on the state."""
@@ -454,6 +561,7 @@ class DeliveryService(service.Service):
         if self._withdrawn_for(queue_id) in ("delete", "bounce"):
             return  # the operation owns the message now (a bounce reports what this round found)
         now = self.clock.seconds()
+        claim = self._claims.get(queue_id)
         bounced = msg.unreported("bounced")
         if bounced:
             yield self._notify(envelope, data, msg, bounced, now, "failed")
@@ -464,14 +572,10 @@ class DeliveryService(service.Service):
         pending = msg.pending()
         if not pending:
             if bounced:  # the DSN is queued: the state says so before the message goes
-                yield self._save(queue_id, msg)
-            try:
-                yield self.queue.remove(queue_id)
-            except Exception:
-                # Not removed (a full disk?): what this round did is kept for the next one, so
-                # that it does not send again what it delivered.
-                self._unsaved[queue_id] = msg
-                raise
+                yield self._save(queue_id, msg, claim)
+            # Not removed (a full disk?): what this round did is kept for the next one, so that
+            # it does not send again what it delivered (see _record).
+            yield self._remove(queue_id, msg, claim)
             return
         msg.attempts += 1
         warn_at = envelope.received_at + self.delivery.delay_warning
@@ -480,12 +584,12 @@ class DeliveryService(service.Service):
             msg.delay_warned = True
         expires = envelope.received_at + self.delivery.max_lifetime
         msg.next_attempt = min(now + retry_delay(self.delivery.retry, msg.attempts), expires)
-        yield self._save(queue_id, msg)
+        yield self._save(queue_id, msg, claim)
         # Checked right before each step: a hold made during this round must not be undone.
         if self._withdrawn_for(queue_id) is not None:
             return
         if state != "deferred":
-            yield self.queue.move(queue_id, "deferred")
+            yield self.queue.move(queue_id, "deferred", claim=claim)
         if self._withdrawn_for(queue_id) is None:
             self._schedule(queue_id, msg.next_attempt)
 
@@ -599,6 +703,7 @@ class DeliveryService(service.Service):
         else:
             ids = [e.queue_id for state, e in (yield self.queue.list()) if state in DELIVERABLE]
         woken = [qid for qid in ids if qid not in self._withdrawn]  # not those an operation owns
+        yield self.work.make_due(woken, self.clock.seconds())  # and the other nodes hear of it
         for qid in woken:
             self._forced.add(qid)
             self.wake(qid)
@@ -662,11 +767,18 @@ class DeliveryService(service.Service):
         """
         yield self.queue.load(queue_id)  # KeyError, ValueError before anything changes
         mark = self._withdraw(queue_id, "bounce")
+        claim = None
         try:
             yield self._round_over(queue_id)
             if self._withdrawn.get(queue_id) is not mark:
                 raise QueueCommandError("%s: another operation took it over" % (queue_id,))
             self._cancel_timer(queue_id)
+            claim = yield self.work.claim(queue_id)
+            if claim is None:
+                holders = yield self.work.holders([queue_id])
+                who = holders.get(queue_id, ("another node",))[0]
+                raise QueueCommandError("%s is being delivered by %s right now: try again once "
+                                        "that attempt is over" % (queue_id, who))
             state, envelope, data = yield self.queue.load(queue_id)
             msg = self._unsaved.pop(queue_id, None)
             if msg is None:
@@ -686,9 +798,11 @@ class DeliveryService(service.Service):
             dsn_id = None
             if bounced:
                 dsn_id = yield self._notify(envelope, data, msg, bounced, now, "failed")
-            yield self._save(queue_id, msg)
-            yield self.queue.remove(queue_id)
+            yield self._save(queue_id, msg, claim)
+            yield self.queue.remove(queue_id, claim=claim)
         finally:
+            if claim is not None:
+                self._release(claim)
             self._settle(queue_id, mark)
         log.info("{queue_id} bounced by the administrator: {count} recipient(s)", queue_id=queue_id,
                  count=len(pending))

@@ -18,9 +18,10 @@ The protocol is one JSON object per line each way, answered in order:
     anything that fails                      {"ok": false, "error": "one line"}
 
 MESSAGE: id, state (the spool's: active, deferred, hold, quarantine), size, received_at, sender,
-client_ip, helo, listener, user, protocol, tls_version, verdicts, attempts, next_attempt and
+client_ip, helo, listener, user, protocol, tls_version, verdicts, attempts, next_attempt,
 recipients: [{address, outcome (pending, deferred, delivered, bounced), code, status, text,
-remote, at}].
+remote, at}] and lease: {node, until} while a delivery (on this node or, with a shared queue,
+another) holds the message, else null.
 
 The queue operations are mailgate.delivery.scheduler.DeliveryService's, so that they agree with delivery
 rounds and timers.  The client half (request(), and the `mailgate queue` / `mailgate reload`
@@ -228,13 +229,14 @@ class Commands:
                                  % (request.get("state"),))
         queue = self.gateway.queue
         entries = yield queue.list(state)
+        holders = yield _holders(queue, [envelope.queue_id for _, envelope in entries])
         messages = []
         for where, envelope in entries:
             try:
                 raw = yield queue.load_state(envelope.queue_id)
             except KeyError:
                 raw = None
-            messages.append(describe(where, envelope, raw))
+            messages.append(describe(where, envelope, raw, holders.get(envelope.queue_id)))
         return {"now": self.clock.seconds(), "messages": messages}
 
     @defer.inlineCallbacks
@@ -242,7 +244,8 @@ class Commands:
         queue_id = _queue_id(request)
         where, envelope, data = yield self.gateway.queue.load(queue_id)
         raw = yield self.gateway.queue.load_state(queue_id)
-        message = describe(where, envelope, raw)
+        holders = yield _holders(self.gateway.queue, [queue_id])
+        message = describe(where, envelope, raw, holders.get(queue_id))
         message["headers"] = _headers(data)
         return {"now": self.clock.seconds(), "message": message}
 
@@ -283,9 +286,21 @@ def _queue_id(request):
     return queue_id
 
 
-def describe(state, envelope, raw_state):
-    """The JSON-able description of one queued message (see the module docstring)."""
-    from mailgate.delivery.scheduler import MessageState
+def _holders(queue, queue_ids):
+    """{queue_id: (node, until)} of the messages a delivery holds now ({} for a plain IQueue)."""
+    from mailgate.interfaces import IWorkSource
+
+    if not queue_ids or not IWorkSource.providedBy(queue):
+        return defer.succeed({})
+    return queue.holders(queue_ids)
+
+
+def describe(state, envelope, raw_state, holder=None):
+    """
+    The JSON-able description of one queued message (see the module docstring); holder is
+    (node, lease until or None) while a delivery holds it.
+    """
+    from mailgate.queue.state import DeliveryState as MessageState
 
     try:
         msg = MessageState.from_bytes(raw_state, envelope)
@@ -306,6 +321,7 @@ def describe(state, envelope, raw_state):
         "user": envelope.user, "protocol": envelope.protocol, "tls_version": envelope.tls_version,
         "verdicts": [list(v) for v in envelope.verdicts], "attempts": msg.attempts,
         "next_attempt": msg.next_attempt or None, "recipients": recipients,
+        "lease": None if holder is None else {"node": holder[0], "until": holder[1]},
     }
 
 
@@ -524,6 +540,8 @@ def format_list(messages, now, state=None):
         lines.append(_COLUMNS % (
             message["id"], human_size(message["size"]), human_age(now - message["received_at"]),
             SHOWN_STATE.get(message["state"], message["state"]), message["sender"] or "<>"))
+        if message.get("lease"):
+            lines.append(_INDENT + "(being delivered by %s)" % (_lease(message["lease"], now),))
         for rcpt in message["recipients"]:
             if rcpt["outcome"] not in ("pending", "deferred"):
                 continue  # done with: postqueue shows only what is still to be delivered
@@ -534,6 +552,12 @@ def format_list(messages, now, state=None):
     count = len(messages)
     lines.append("-- %s in %d request%s." % (_summary_size(total), count, "" if count == 1 else "s"))
     return "\n".join(lines)
+
+
+def _lease(lease, now):
+    if lease.get("until"):
+        return "%s, lease for %s more" % (lease["node"], human_age(lease["until"] - now))
+    return lease["node"]
 
 
 def _reply(rcpt):
@@ -580,6 +604,8 @@ def format_show(message, now):
     if message.get("next_attempt") and message["state"] == "deferred":
         attempts += "; next %s" % _when(message["next_attempt"], now)
     lines.append("Attempts:    %s" % attempts)
+    if message.get("lease"):
+        lines.append("Delivering:  %s" % (_lease(message["lease"], now),))
     lines.append("Recipients:")
     for rcpt in message["recipients"]:
         lines.append("  %s" % rcpt["address"])

@@ -19,7 +19,8 @@ def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
     """
     Deferred[list of str]: why gateway (a GatewayService) cannot take mail; [] when it can.
     Every listener (gateway.listeners()) must have a bound port, queue recovery must be over,
-    and gateway.queue.check_writable() must fire True within timeout seconds.
+    and gateway.queue.check_writable() must fire True within timeout seconds (False, or a str
+    saying why, is a problem).
     """
     problems = []
     for child in gateway.listeners():
@@ -34,8 +35,8 @@ def health_problems(gateway, clock, timeout=HEALTH_TIMEOUT):
         d.addTimeout(timeout, clock)
 
     def checked(writable):
-        if isinstance(writable, str):
-            problems.append("queue not writable: " + writable)  # the queue says why
+        if isinstance(writable, str):  # the queue says why (a database unreachable, say)
+            problems.append("queue not writable: %s" % (writable,))
         elif writable is not True:
             problems.append("queue not writable")
         return problems

@@ -3,9 +3,13 @@ Queue ids: unique, time-ordered and safe as file names, so that every backend (t
 files, a database's keys) and every node can make them without asking anyone.
 """
 
+import re
 import secrets
 import threading
 import time
+
+STATES = ("active", "deferred", "hold", "quarantine")  # where an entry can be, in every backend
+_ID_RE = re.compile(r"\A[0-9A-Za-z_-]{1,64}\Z")
 
 # Crockford's base32: its digits are in ASCII order, so ids sort by time as plain strings.
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -36,3 +40,17 @@ def new_queue_id():
         _last_us = now
     rand = int.from_bytes(secrets.token_bytes(4), "big") >> 2
     return _base32(now, _TIME_CHARS) + _base32(rand, _RANDOM_CHARS)
+
+
+def check_state(state):
+    """state, or ValueError when it is not one of STATES."""
+    if state not in STATES:
+        raise ValueError("unknown queue state %r (one of %s)" % (state, ", ".join(STATES)))
+    return state
+
+
+def check_queue_id(queue_id):
+    """queue_id, or ValueError when it is not a safe queue id (what a file name can be)."""
+    if not isinstance(queue_id, str) or not _ID_RE.match(queue_id):
+        raise ValueError("not a queue id: %r" % (queue_id,))
+    return queue_id

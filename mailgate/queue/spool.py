@@ -37,11 +37,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgate.envelope import Envelope
-from mailgate.interfaces import IQueue
+from mailgate.interfaces import IQueue, IWorkSource
+from mailgate.queue.claims import DELIVERABLE, LeaseLost, LocalClaims, LocalWork
+from mailgate.queue.ids import STATES, _ID_RE
+from mailgate.queue.ids import check_queue_id as _check_id
+from mailgate.queue.ids import check_state as _check_state
 
 log = Logger()
 
-STATES = ("active", "deferred", "hold", "quarantine")
 TMP = "tmp"
 CORRUPT = "corrupt"
 STATE_DIR = "state"  # delivery state of every message, whatever queue state it is in
@@ -50,7 +53,6 @@ DIRECTORIES = (TMP,) + STATES + (CORRUPT, STATE_DIR)
 MAGIC = b"MGQ1"
 _HEADER_MAX = 64  # "MGQ1 " + two 20-digit lengths + 8 hex digits + separators fits easily
 _FIRST_READ = 8192  # one read normally covers header and envelope JSON
-_ID_RE = re.compile(r"\A[0-9A-Za-z_-]{1,64}\Z")
 _SIDECAR_RE = re.compile(r"\A[0-9A-Za-z_-]{1,64}\.[0-9A-Za-z_-]+\Z")
 _HEX = frozenset(b"0123456789abcdef")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -83,18 +85,6 @@ class CorruptEntryError(KeyError):
 
 class _Corrupt(Exception):
     """Thread-side: what is wrong with an entry's bytes."""
-
-
-def _check_state(state):
-    if state not in STATES:
-        raise ValueError("unknown queue state %r (one of %s)" % (state, ", ".join(STATES)))
-    return state
-
-
-def _check_id(queue_id):
-    if not isinstance(queue_id, str) or not _ID_RE.match(queue_id):
-        raise ValueError("not a queue id: %r" % (queue_id,))
-    return queue_id
 
 
 # --- thread side: small file-system helpers --------------------------------------------------------
@@ -281,15 +271,20 @@ def _op_rename_in(source, target_dir, target):
     return None, [target_dir], functools.partial(_unlink_quietly, target)
 
 
-def _op_move(root, queue_id, state):
+def _op_move(root, queue_id, state, claimed=False):
     """
     Commit op of move: find the entry in another state and rename it into state.  The result says
-    whether it moved (False: it was in state already).
+    whether it moved (False: it was in state already).  claimed: the scheduler's move, only out of
+    a deliverable state (LeaseLost when the entry was held or quarantined meanwhile).
     """
     target_dir = os.path.join(root, state)
     target = os.path.join(target_dir, queue_id)
     for source_state in STATES:
         if source_state == state:
+            continue
+        if claimed and source_state not in DELIVERABLE:
+            if os.path.lexists(os.path.join(root, source_state, queue_id)):
+                raise LeaseLost(queue_id, "it is in %s now" % (source_state,))
             continue
         source_dir = os.path.join(root, source_state)
         try:
@@ -552,16 +547,17 @@ class _GroupCommit:
                 d.errback(value)
 
 
-@implementer(IQueue)
-class Spool:
+@implementer(IQueue, IWorkSource)
+class Spool(LocalWork):
     """
-    The on-disk queue under path.  Call recover() once before the first enqueue.
+    The on-disk queue under path.  Call recover() once before the first enqueue.  One process
+    uses it: claims on its messages (IWorkSource) live in memory (mailgate.queue.claims).
 
     run_in_thread(f, *args) -> Deferred is where all disk I/O goes; by default it is
     deferToThreadPool on threadpool (or the reactor's own pool).  It may also fire synchronously.
     """
 
-    def __init__(self, path, reactor, threadpool=None, run_in_thread=None):
+    def __init__(self, path, reactor, threadpool=None, run_in_thread=None, owner=None):
         self.path = os.path.abspath(os.fspath(path))
         self._reactor = reactor
         self._threadpool = threadpool
@@ -572,6 +568,7 @@ class Spool:
         self._subscribers = []
         self._state_locks = {}  # queue_id -> DeferredLock: saves of one message land in call order
         self.write_error = None  # why the last write failed, until a write succeeds again
+        self._claims = LocalClaims(self, owner)
 
     def _in_pool(self, f, *args):
         pool = self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
@@ -670,19 +667,27 @@ class Spool:
         _log_problems(problems)
         return entries
 
-    def move(self, queue_id, state):
+    def move(self, queue_id, state, claim=None):
         _check_state(state)
         _check_id(queue_id)
-        d = self._committer.submit(functools.partial(_op_move, self.path, queue_id, state))
-        return d.addCallback(self._moved, queue_id, state)
+        try:
+            self._claims.check(claim)
+        except LeaseLost:
+            return defer.fail()
+        op = functools.partial(_op_move, self.path, queue_id, state, claim is not None)
+        return self._committer.submit(op).addCallback(self._moved, queue_id, state)
 
     def _moved(self, moved, queue_id, state):
         if moved:  # a move to where the entry already is changes nothing and tells nobody
             self._notify(queue_id, state)
         return None
 
-    def remove(self, queue_id):
+    def remove(self, queue_id, claim=None):
         _check_id(queue_id)
+        try:
+            self._claims.check(claim)
+        except LeaseLost:
+            return defer.fail()
         d = self._committer.submit(functools.partial(_op_remove, self.path, queue_id))
         return d.addCallback(self._remove_state, queue_id)
 
@@ -691,6 +696,7 @@ class Spool:
         Second commit of remove, only once the message is durably gone.  Its failure is logged, not
         returned: the message is gone, and recover() deletes a state file left behind.
         """
+        self._claims.forget(queue_id)
         if not has_state:
             return None
         d = self._committer.submit(functools.partial(_op_remove_state, self.path, queue_id))
@@ -704,7 +710,7 @@ class Spool:
 
     # -- delivery state ------------------------------------------------------------------------------
 
-    def save_state(self, queue_id, data):
+    def save_state(self, queue_id, data, claim=None):
         _check_id(queue_id)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError("state must be bytes, not %s" % (type(data).__name__,))
@@ -712,11 +718,12 @@ class Spool:
         lock = self._state_locks.get(queue_id)
         if lock is None:
             lock = self._state_locks[queue_id] = defer.DeferredLock()
-        d = lock.run(self._save_state, queue_id, data)
+        d = lock.run(self._save_state, queue_id, data, claim)
         d.addBoth(self._forget_lock, queue_id, lock)
         return d
 
-    def _save_state(self, queue_id, data):
+    def _save_state(self, queue_id, data, claim):
+        self._claims.check(claim)  # when its turn comes: a delete meanwhile ends the claim
         source = os.path.join(self._dir(TMP), "%s.state-%s" % (queue_id, secrets.token_hex(6)))
         op = functools.partial(_op_save_state, self.path, queue_id, source)
         d = self._run(_write_file, source, [data])

@@ -30,13 +30,13 @@ log = Logger()
 _BACKLOG_TYPES = ("tcp", "tcp6", "unix")
 
 
-def listening_endpoint(reactor, listener):
+def listening_endpoint(reactor, listener, text=None):
     """
     The server endpoint of listener, with its backlog: Twisted's default of 50 overflows under
     a burst of connections (each dropped SYN costs the client a second or more).  TCP listeners
     get mailgate.tcp's transports, which send replies at once.
     """
-    text = listener.endpoint
+    text = listener.endpoint if text is None else text  # text: without a haproxy: prefix
     kind = text.split(":", 1)[0]
     if kind in _BACKLOG_TYPES and "backlog=" not in text:
         text += ":backlog=%d" % listener.backlog

@@ -17,7 +17,7 @@ from twisted.mail import smtp
 
 from mailgate.envelope import Envelope, Reply
 from mailgate.headerfirewall import inbound_patterns
-from mailgate.errors import ReplyError
+from mailgate.errors import QueueUnavailable, ReplyError
 from mailgate.session import Session
 from mailgate.smtp import address, chunking, clientcert, limits, policy, replies, sasl
 from mailgate.smtp import params as esmtp
@@ -679,7 +679,10 @@ class SMTPServer(smtp.ESMTP):
         self._reply(replies.queued(outcome.queue_id))
 
     def _queue_failed(self, failure, envelope):
-        if failure.check(OSError):  # a full disk, an I/O error: the queue logged it, one line
+        if failure.check(QueueUnavailable):  # an outage: one line each, not a traceback each
+            log.error("could not queue message {queue_id}: {error}", queue_id=envelope.queue_id,
+                      error=failure.getErrorMessage())
+        elif failure.check(OSError):  # a full disk, an I/O error: the queue logged it, one line
             log.warn("message {queue_id} not queued ({error}): 451", queue_id=envelope.queue_id,
                      error=failure.getErrorMessage())
         else:

@@ -415,7 +415,7 @@ BROKEN = [
     ),
     (
         "[queue]\nbackend = redis\n" + LISTENER,
-        "FILE: [queue] backend: expected one of spool, got 'redis'",
+        "FILE: [queue] backend: expected one of spool, postgresql, got 'redis'",
     ),
     (
         "[tls]\nmin_version = TLSv1.1\n" + LISTENER,
@@ -447,13 +447,13 @@ BROKEN = [
     ),
     (
         LISTENER.replace("tcp:2525", "stdio:"),
-        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd,"
-        " got 'stdio:'",
+        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd"
+        " (or haproxy: before one), got 'stdio:'",
     ),
     (
         LISTENER.replace("tcp:2525", "2525"),
-        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd,"
-        " got '2525'",
+        "FILE: [listener:mx] endpoint: expected an endpoint like tcp:25 of type tcp, tcp6, unix, systemd"
+        " (or haproxy: before one), got '2525'",
     ),
     (
         LISTENER.replace("tcp:2525", "tcp:smtp"),

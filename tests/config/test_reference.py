@@ -198,7 +198,7 @@ def test_example_mentions_every_key_in_its_own_section():
 
 # tests/e2e/test_startup_errors.py (example_copy) uncomments this very line, with the address of
 # its test DNS server, so that the example never asks the system's resolver.
-EXAMPLE_VALUES = {("dns", "nameservers", "127.0.0.1, [::1]:5353")}
+EXAMPLE_VALUES = {("dns", "nameservers", "127.0.0.1, [::1]:5353"), ("queue", "node_id", "mx1")}
 
 
 def test_example_comments_out_only_defaults():

@@ -15,7 +15,8 @@ from mailgate.config import DeliveryConfig, GatewayConfig, RouteConfig
 from mailgate.envelope import Envelope, Hop, RecipientResult
 from mailgate.errors import RoutingError
 from mailgate.queue import Spool
-from mailgate.delivery.scheduler import DeliveryService, MessageState, retry_delay
+from mailgate.delivery.scheduler import SWEEP_INTERVAL, DeliveryService, MessageState, retry_delay
+from mailgate.errors import QueueUnavailable
 
 MX_ROUTE = RouteConfig(name="internet", domains=("*",), mx=True, dkim_sign=True)
 SMART = RouteConfig(name="internal", domains=("example.com",), smarthosts=(("127.0.0.1", 2526),))
@@ -90,10 +91,12 @@ class FakeConfig:
 class SchedulerCase(unittest.TestCase):
     """A scheduler on a real spool with the fakes above (no tests of its own: see below)."""
 
+    spool_class = Spool
+
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.spool = Spool(self.mktemp(), self.clock, run_in_thread=sync)
+        self.spool = self.spool_class(self.mktemp(), self.clock, run_in_thread=sync)
         self.successResultOf(self.spool.recover())
         self.router = FakeRouter()
         self.deliverer = FakeDeliverer()
@@ -209,10 +212,10 @@ class SchedulerTests(SchedulerCase):
         real = self.spool.save_state
         full = [True]
 
-        def save_state(queue_id, data):
+        def save_state(queue_id, data, claim=None):
             if full[0]:
                 return defer.fail(Failure(OSError(28, "No space left on device")))
-            return real(queue_id, data)
+            return real(queue_id, data, claim=claim)
 
         self.spool.save_state = save_state
         self.queue(rcpts=("u@example.com", "v@example.com"))
@@ -367,9 +370,9 @@ class StateWriteTests(SchedulerTests):
         saves = []
         real = self.spool.save_state
 
-        def counting(queue_id, data):
+        def counting(queue_id, data, claim=None):
             saves.append(queue_id)
-            return real(queue_id, data)
+            return real(queue_id, data, claim=claim)
 
         self.spool.save_state = counting
         return saves
@@ -459,3 +462,96 @@ class SlowStartTests(unittest.TestCase):
         deliverer.release_one()
         deliverer.release_one()  # two successes at limit 2: one more connection
         self.assertEqual(len(deliverer.calls), 5)
+
+
+class FlakySpool(Spool):
+    """A spool whose save_state and remove fail with QueueUnavailable the next `outage` times."""
+
+    outage = 0
+    saves = 0
+
+    def save_state(self, queue_id, data, claim=None):
+        self.saves += 1
+        if self.outage:
+            self.outage -= 1
+            return defer.fail(QueueUnavailable("database unreachable: test"))
+        return Spool.save_state(self, queue_id, data, claim=claim)
+
+    def remove(self, queue_id, claim=None):  # removing records a delivery too
+        if self.outage:
+            self.outage -= 1
+            return defer.fail(QueueUnavailable("database unreachable: test"))
+        return Spool.remove(self, queue_id, claim=claim)
+
+
+class ClaimTests(unittest.TestCase):
+    """How the scheduler finds, claims, renews and records work (the IWorkSource seam)."""
+
+    spool_class = FlakySpool
+    setUp = SchedulerTests.setUp
+    make_service = SchedulerTests.make_service
+    start = SchedulerTests.start
+    queue = SchedulerTests.queue
+    entries = SchedulerTests.entries
+
+    def test_an_outcome_is_recorded_once_the_queue_is_back(self):
+        self.start()
+        self.spool.outage = 3
+        self.queue(rcpts=("w@example.com",))  # the smarthost route: no signature to save first
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.assertEqual(self.entries(), {"Q1": "active"})  # delivered, not yet recorded
+        for wait in (1, 2):  # the waits between tries: 1s, then doubling
+            self.clock.advance(wait)
+            self.assertEqual(self.entries(), {"Q1": "active"})
+        self.clock.advance(4)
+        self.assertEqual(self.entries(), {})
+        self.assertEqual(len(self.deliverer.calls), 1)  # never sent again
+
+    def test_no_round_for_a_message_claimed_elsewhere(self):
+        self.start()
+        envelope = Envelope(queue_id="Q9", sender="a@sender.example", recipients=("u@remote.example",),
+                            client_ip="192.0.2.1", received_at=self.clock.seconds())
+        self.successResultOf(self.spool.enqueue(envelope, BODY, state="hold"))
+        other = self.successResultOf(self.spool.claim("Q9"))
+        self.successResultOf(self.spool.move("Q9", "active"))  # wakes the scheduler
+        self.assertEqual(self.deliverer.calls, [])
+        self.successResultOf(self.spool.release(other))
+        self.clock.advance(SWEEP_INTERVAL)  # the sweep claims it now
+        self.assertEqual(len(self.deliverer.calls), 1)
+
+    def test_a_lost_claim_ends_the_round_quietly(self):
+        self.deliverer.hold = True
+        self.start()
+        self.queue()
+        self.successResultOf(self.spool.remove("Q1"))  # the administrator: the claim ends
+        self.deliverer.release_one()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.entries(), {})
+
+    def test_sweep_claims_what_is_due_and_wakes_at_the_next_retry(self):
+        self.deliverer.replies["u@remote.example"] = (451, "4.3.0")
+        self.queue()  # before the service runs: found by its first sweep
+        self.start()
+        self.assertEqual(len(self.deliverer.calls), 1)
+        restarted = self.make_service()  # a restart: no timers, the sweep knows the next retry
+        self.service.stopService()
+        restarted.startService()
+        self.addCleanup(restarted.stopService)
+        self.clock.advance(59)
+        self.assertEqual(len(self.deliverer.calls), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.deliverer.calls), 2)
+
+    def test_claims_are_renewed_every_third_of_the_lease(self):
+        renewed = []
+        self.spool._claims.lease = 30.0
+        self.spool.renew = lambda claims: renewed.append([c.queue_id for c in claims]) or defer.succeed([])
+        self.service = self.make_service()
+        self.deliverer.hold = True
+        self.start()
+        self.queue()
+        self.clock.advance(10)
+        self.assertEqual(renewed, [["Q1"]])
+        self.deliverer.release_one()
+        self.clock.advance(10)
+        self.assertEqual(renewed, [["Q1"]])  # nothing held any more

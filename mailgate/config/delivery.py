@@ -84,7 +84,8 @@ DELIVERY_KEYS = {
         Duration(positive=False), "2s",
         doc="How long a connection stays open after a message, waiting for the next message to "
         "the same destination (Postfix's `smtp_connection_cache_time_limit`); `0` closes every "
-        "connection after one message.",
+        "connection after one message. A connection whose message got a temporary failure "
+        "(4xx) is not kept: the retry gets a new one.",
         example="5s",
     ),
     "connection_reuse_time": Key(

@@ -479,8 +479,10 @@ class DeliverySender(BDATSending, smtp.ESMTPSender):
 
     def smtpState_msgSent(self, code, resp):
         self._cancelDataTimer()
-        # The reply to the final dot, or to BDAT LAST: the transaction is over, cleanly.
-        finished = code > 0 and (self.phase == "end of DATA" or (
+        # The reply to the final dot, or to BDAT LAST: the transaction is over, cleanly.  Not
+        # kept after a 4xx to it: a server in trouble (or a retry after 1s) would meet the same
+        # session again for as long as it lives; a 5xx is about the message, not the server.
+        finished = code > 0 and not 400 <= code < 500 and (self.phase == "end of DATA" or (
             self.phase == "BDAT" and getattr(self, "_bdatLast", False)))
         if self._from is not None and not self.decided:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)

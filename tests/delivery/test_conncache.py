@@ -191,6 +191,26 @@ class ReuseTests(TestCase):
         self.assertEqual(sink.connections, 2)
 
     @defer.inlineCallbacks
+    def test_temporary_failure_at_end_of_data_is_not_reused(self):
+        """
+        A server that said "try again later" to the message gets a new connection for the next:
+        retried over the same session, a deferred message could meet the same trouble for as
+        long as the connection lives (connection_reuse_time), however short its retry interval.
+        """
+        sink = self.sink(data_reply=(451, "4.3.0 Try again later"))
+        results = yield self.deliver_twice(sink, self.deliverer())
+        self.assertEqual([r.outcome for r in results], ["deferred", "deferred"])
+        self.assertEqual(sink.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_permanent_failure_at_end_of_data_keeps_the_connection(self):
+        """A 5xx to one message is about that message: the next one may use the connection."""
+        sink = self.sink(data_reply=(554, "5.6.0 Content rejected"))
+        results = yield self.deliver_twice(sink, self.deliverer())
+        self.assertEqual([r.outcome for r in results], ["bounced", "bounced"])
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
     def test_old_connection_is_not_kept(self):
         sink = self.sink()
         results = yield self.deliver_twice(sink, self.deliverer(connection_reuse_time=0.001))

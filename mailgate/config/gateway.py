@@ -154,7 +154,8 @@ LIMITS_KEYS = {
         "clients that trickle bytes to hold connections (slowloris).",
         example="1h",
     ),
-    # Across sessions: counted in memory on each node (mailgate.smtp.anvil).
+    # Across sessions: counted in memory on each node, shared by its receiver processes
+    # (mailgate.smtp.anvil).
     "max_connections": Key(
         Int(0), "1000",
         doc="Open connections of the whole gateway (all listeners together) above which a new "

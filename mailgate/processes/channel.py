@@ -2,9 +2,15 @@
 What the main process and a receiver say to each other: one JSON object a line, over pipes.
 
 Receiver to main (the receiver's descriptor 3): {"t": "ready"} once it accepts; {"t": "fatal",
-"error": LINE} when it cannot start; {"t": "retired"} once it stopped accepting; {"t": "ev", "k": KIND, "f": FIELDS} an event of its bus;
-{"t": "q", "id": QUEUE_ID, "s": STATE} a message it committed to the queue; {"t": "log", "lvl":
-LEVEL, "ns": NAMESPACE, "msg": TEXT} a log line.  Main to receiver (its standard input):
+"error": LINE} when it cannot start; {"t": "retired"} once it stopped accepting; {"t": "ev",
+"k": KIND, "f": FIELDS} an event of its bus; {"t": "q", "id": QUEUE_ID, "s": STATE} a message it
+committed to the queue; {"t": "log", "lvl": LEVEL, "ns": NAMESPACE, "msg": TEXT} a log line;
+{"t": "anvil", "op": OP} a change to the counters across sessions (mailgate.smtp.anvil).
+
+Main to receiver (its standard input): {"t": "config", "ini": TEXT, "path": PATH, "uid": ...,
+"gid": ..., "groups": [...], "anvil": {ORIGIN: {CLIENT: OPEN}}} first, with
+the other receivers' open connections; {"t": "anvil", "o": ORIGIN, "op": OP} another
+receiver's change to the counters; {"t": "anvil-gone", "o": ORIGIN} that receiver ended;
 {"t": "retire"} stop accepting and exit once the open sessions are over; {"t": "stop"} stop
 accepting, close the sessions and exit now.  End of input means the main process is gone: the
 same as retire.

@@ -18,6 +18,7 @@ So a reload loses no connection, and a session that starts after it gets the new
 stopService stops them all and fires when they have exited.
 """
 
+import collections
 import os
 import sys
 
@@ -56,8 +57,9 @@ def receiver_count(config):
 class _Receiver(protocol.ProcessProtocol):
     """One receiver process: what it was started with, and what it says."""
 
-    def __init__(self, pool, index, generation, config, sockets):
+    def __init__(self, pool, index, generation, config, sockets, origin):
         self.pool = pool
+        self.origin = origin  # names this process in the shared counters (mailgate.smtp.anvil)
         self.index = index
         self.generation = generation
         self.config = config
@@ -74,7 +76,8 @@ class _Receiver(protocol.ProcessProtocol):
         """Send the configuration, and who to be: the main process's user and groups now."""
         self.send({"t": "config", "path": self.config.path,
                    "ini": render_config(self.config, show_secrets=True),
-                   "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()})
+                   "uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(),
+                   "anvil": self.pool.open_connections(self)})
 
     def when_started(self):
         """A Deferred firing once it accepts, failing with ReceiverFailed when it cannot start."""
@@ -102,6 +105,8 @@ class _Receiver(protocol.ProcessProtocol):
             kind = message.get("t")
             if kind == "ev":
                 self.pool.gateway.events.relay(message.get("k"), message.get("f") or {})
+            elif kind == "anvil":
+                self.pool.anvil(self, message.get("op"))
             elif kind == "q":
                 self.pool.committed(message.get("id"), message.get("s"))
             elif kind == "log":
@@ -127,8 +132,11 @@ class _Receiver(protocol.ProcessProtocol):
         logger.emit(level, "{msg}", msg=str(message.get("msg", "")), receiver=self.index)
 
     def send(self, message):
+        self.send_encoded(encode(message))
+
+    def send_encoded(self, line):
         if self.transport is not None and not self.ended.called:
-            self.transport.write(encode(message))
+            self.transport.write(line)
 
     def processEnded(self, reason):
         if not self.ready and self.failure is None:
@@ -155,6 +163,8 @@ class ReceiverPool(service.Service):
         self._respawn_delay = RESPAWN_FIRST
         self._respawns = {}  # slot in current -> DelayedCall
         self._announced = False
+        self._origins = 0
+        self._open = {}  # origin -> Counter(client key -> open connections): for new receivers
 
     # -- life
 
@@ -251,7 +261,8 @@ class ReceiverPool(service.Service):
                 for i in range(count)]
 
     def _spawn(self, index, generation, config, sockets, configure=True):
-        receiver = _Receiver(self, index, generation, config, sockets)
+        self._origins += 1
+        receiver = _Receiver(self, index, generation, config, sockets, str(self._origins))
         child_fds = {0: "w", 1: 1, 2: 2, 3: "r"}
         args = [self.executable, "-m", "mailgate.processes.receiver",
                 "--events", "all" if config.logging.dir else "summary"]
@@ -284,7 +295,43 @@ class ReceiverPool(service.Service):
             log.warn("a receiver announced a bad queue entry {queue_id!r} in {state!r}",
                      queue_id=queue_id, state=state)
 
+    # -- the shared counters (mailgate.smtp.anvil): we pass each receiver's changes on
+
+    def _everyone(self):
+        return self.current + self.retiring + (self._next or [])
+
+    def anvil(self, receiver, op):
+        """One receiver's change to the counters: to every other receiver; connections kept."""
+        if not isinstance(op, list) or not op:
+            return
+        if op[0] in ("c", "d") and len(op) > 1:
+            counts = self._open.setdefault(receiver.origin, collections.Counter())
+            key = str(op[1])
+            if op[0] == "c":
+                counts[key] += 1
+            elif counts[key] > 1:
+                counts[key] -= 1
+            else:
+                counts.pop(key, None)
+        message = encode({"t": "anvil", "o": receiver.origin, "op": op})
+        for other in self._everyone():
+            if other is not receiver:
+                other.send_encoded(message)
+
+    def open_connections(self, receiver):
+        """The other receivers' open connections, for one starting now."""
+        return {origin: dict(counts) for origin, counts in self._open.items()
+                if origin != receiver.origin and counts}
+
+    def _forget(self, receiver):
+        self._open.pop(receiver.origin, None)
+        message = encode({"t": "anvil-gone", "o": receiver.origin})
+        for other in self._everyone():
+            if other is not receiver:
+                other.send_encoded(message)
+
     def ended(self, receiver, reason):
+        self._forget(receiver)
         if receiver in self.retiring:
             self.retiring.remove(receiver)
             return

@@ -42,13 +42,18 @@ class Channel(Protocol):
 
     def dataReceived(self, data):
         for message in self._decoder.feed(data):
-            if message.get("t") == "config":
+            kind = message.get("t")
+            if kind == "anvil":
+                self.receiver.counted(message.get("o"), message.get("op"))
+            elif kind == "anvil-gone":
+                self.receiver.forget(message.get("o"))
+            elif kind == "config":
                 self.receiver.start(str(message.get("ini", "")), str(message.get("path", "")),
                                     message.get("uid"), message.get("gid"),
-                                    message.get("groups") or [])
-            elif message.get("t") == "retire":
+                                    message.get("groups") or [], message.get("anvil") or {})
+            elif kind == "retire":
                 self.receiver.retire()
-            elif message.get("t") == "stop":
+            elif kind == "stop":
                 self.receiver.retire(hard=True)
 
     def readConnectionLost(self):
@@ -92,6 +97,19 @@ class Receiver:
     def committed(self, queue_id, state):
         self.channel.send({"t": "q", "id": queue_id, "s": state})
 
+    # -- the counters the receivers share (mailgate.smtp.anvil)
+
+    def share(self, op):
+        self.channel.send({"t": "anvil", "op": op})
+
+    def counted(self, origin, op):
+        if self.gateway is not None and isinstance(op, list):
+            self.gateway.anvil.apply(str(origin), op)
+
+    def forget(self, origin):
+        if self.gateway is not None:
+            self.gateway.anvil.forget(str(origin))
+
     def log(self, event):
         level = event.get("log_level", LogLevel.info)
         if level < LogLevel.info:
@@ -105,7 +123,7 @@ class Receiver:
 
     # -- life
 
-    def start(self, ini, path, uid=None, gid=None, groups=()):
+    def start(self, ini, path, uid=None, gid=None, groups=(), theirs=None):
         from mailgate.config import load_config_text
         from mailgate.service import build_service
 
@@ -117,6 +135,12 @@ class Receiver:
             self.gateway = build_service(config, self.reactor, adopted=adopted)
             self.gateway.events.subscribe(self.observe)
             self.gateway.queue.subscribe(self.committed)
+            anvil = self.gateway.anvil
+            for origin, counts in (theirs or {}).items():  # the others' open connections
+                for key, n in (counts.items() if isinstance(counts, dict) else ()):
+                    for _ in range(min(int(n), 100000)):
+                        anvil.apply(str(origin), ["c", key])
+            anvil.share(self.share)
             service.IService(self.gateway).privilegedStartService()
             self.gateway.startService()
             _become(uid, gid, groups)  # the main process's user, before any session starts

@@ -93,6 +93,12 @@ class TokenBuckets:
             self._table.put(key, (tokens, now, rate))
         return True
 
+    def spend(self, key, rate, n=1):
+        """Spend n tokens someone else was allowed (another process): down to none, never below."""
+        now = self.clock.seconds()
+        tokens = max(0.0, self._level(self._table.get(key), rate, now) - n)
+        self._table.put(key, (tokens, now, rate))
+
     @staticmethod
     def _level(entry, rate, now):
         if entry is None:
@@ -154,12 +160,19 @@ class Anvil:
     The gateway's counters.  connect() and disconnect() bracket every session; the listener asks
     the other methods before it answers.  Each answer that refuses names the limit, for the
     REJECT tracking event and mailgate_limit_refusals_total{limit}.
+
+    Receiver processes (mailgate.processes) share the counts: each one's Anvil reports every
+    change it makes to the function given to share(), the main process passes it on, and the
+    others apply() it, so a limit holds for the gateway, not for each process (as Postfix's one
+    anvil server does for all its smtpd processes).
     """
 
     def __init__(self, clock, max_entries=MAX_ENTRIES):
         self.clock = clock
         self.connections = 0
-        self._per_client = collections.Counter()  # client key -> open connections
+        self._per_client = collections.Counter()  # client key -> open connections (everyone's)
+        self._theirs = {}  # origin -> Counter(client key -> open connections) of other processes
+        self._publish = None
         self.buckets = TokenBuckets(clock, max_entries)
         self.auth_failures = FailureWindows(clock, max_entries)
         self._window = 600.0  # the longest auth_failure_window seen, for expiry
@@ -189,12 +202,19 @@ class Anvil:
                 return "connection_rate_per_ip"
         self.connections += 1
         self._per_client[key] += 1
+        if self._publish is not None:
+            self._publish(["c", key])
         return None
 
     def disconnect(self, ip):
         key = client_key(ip)
-        self.connections -= 1
-        left = self._per_client[key] - 1
+        self._closed(key)
+        if self._publish is not None:
+            self._publish(["d", key])
+
+    def _closed(self, key, n=1):
+        self.connections -= n
+        left = self._per_client[key] - n
         if left > 0:
             self._per_client[key] = left
         else:
@@ -210,7 +230,11 @@ class Anvil:
         if rate is None:
             return True
         key = client_key(who) if name.endswith("_per_ip") else who.lower()
-        return self.buckets.take((name, key), rate, n)
+        if not self.buckets.take((name, key), rate, n):
+            return False
+        if self._publish is not None:
+            self._publish(["t", name, key, rate.count, rate.seconds, n])
+        return True
 
     # -- failed logins ----------------------------------------------------------------------
 
@@ -226,10 +250,66 @@ class Anvil:
         return None
 
     def auth_failed(self, ip, username, limits):
-        self._window = max(self._window, limits.auth_failure_window)
-        self.auth_failures.add(("ip", client_key(ip)), limits.max_auth_failures_per_ip)
-        if username is not None:
-            self.auth_failures.add(("user", username.lower()), limits.max_auth_failures_per_user)
+        user = username.lower() if username is not None else None
+        self._failed(client_key(ip), user, limits.max_auth_failures_per_ip,
+                     limits.max_auth_failures_per_user, limits.auth_failure_window)
+        if self._publish is not None:
+            self._publish(["f", client_key(ip), user, limits.max_auth_failures_per_ip,
+                           limits.max_auth_failures_per_user, limits.auth_failure_window])
+
+    def _failed(self, ip_key, user, per_ip, per_user, window):
+        self._window = max(self._window, window)
+        self.auth_failures.add(("ip", ip_key), per_ip)
+        if user is not None:
+            self.auth_failures.add(("user", user), per_user)
+
+    # -- shared between processes ----------------------------------------------------------
+
+    def share(self, publish):
+        """Report each change from now on to publish(op): op is a list JSON carries as is."""
+        self._publish = publish
+
+    def apply(self, origin, op):
+        """
+        Count another process's change (an op it published; origin names that process) without
+        reporting it again.  A malformed op (a broken peer) is ignored: False.
+        """
+        try:
+            kind = op[0]
+            if kind == "c":
+                key = str(op[1])
+                self.connections += 1
+                self._per_client[key] += 1
+                self._theirs.setdefault(origin, collections.Counter())[key] += 1
+            elif kind == "d":
+                key = str(op[1])
+                theirs = self._theirs.get(origin)
+                if not theirs or theirs[key] <= 0:
+                    return False  # not counted here (it connected before we started)
+                theirs[key] -= 1
+                if not theirs[key]:
+                    del theirs[key]
+                self._closed(key)
+            elif kind == "t":
+                name, key, count, seconds, n = str(op[1]), str(op[2]), int(op[3]), float(op[4]), int(op[5])
+                self.buckets.spend((name, key), Rate(count, seconds), n)
+            elif kind == "f":
+                ip_key, user = str(op[1]), (None if op[2] is None else str(op[2]))
+                self._failed(ip_key, user, int(op[3]), int(op[4]), float(op[5]))
+            else:
+                return False
+        except (IndexError, TypeError, ValueError):
+            return False
+        return True
+
+    def forget(self, origin):
+        """That process is gone: the connections it had open no longer count."""
+        for key, n in self._theirs.pop(origin, {}).items():
+            self._closed(key, n)
+
+    def theirs(self):
+        """{origin: {client key: open connections}} of the other processes, as counted here."""
+        return {origin: dict(counts) for origin, counts in self._theirs.items() if counts}
 
     def expire(self, auth_window=None):
         """Drop idle entries: refilled buckets, failures older than the longest window."""

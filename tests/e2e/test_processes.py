@@ -8,6 +8,7 @@ receivers come back, a killed main process lets its ports go, stopping stops eve
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -170,3 +171,78 @@ def test_one_worker_is_one_process(lab):
     lab.send(3)
     assert lab.out.wait_for_messages(3, WAIT), lab.gw.describe()
     assert children(lab.gw.process.pid) == []
+
+
+def _sessions_held(pid, port):
+    """How many established connections to port the process pid holds (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    held = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            held += 1
+    return held
+
+
+def test_limits_hold_for_the_gateway_not_for_each_receiver(lab):
+    """
+    max_connections_per_ip = 3 with two receivers: three sessions from 127.0.0.1 in all, however
+    the kernel spread them, not three a receiver (the receivers share their counts through the
+    main process, as Postfix's smtpd processes share one anvil).  A receiver hears of the
+    others' sessions a moment later (a line through the main process): the client pauses
+    between connections, as this checks that the counts are shared, not how fast.
+    """
+    text = lab.config().replace("[gateway]\n", "[limits]\nmax_connections_per_ip = 3\n"
+                                "connection_rate_per_ip = 1000/1m\nlimit_exempt_ips =\n\n"
+                                "[gateway]\n", 1)
+    lab.gw.start(text)
+    receivers = lab.receivers(2)
+
+    def spread():
+        return [_sessions_held(r, lab.port) for r in receivers]
+
+    held = []
+    try:
+        # Three sessions held, both receivers holding some (so the limit is crossed between
+        # processes): while all three are on one receiver, let the oldest go and connect again.
+        for _ in range(40):
+            client = h.smtp(lab.port)
+            assert client.banner[0] == 220, (client.banner, spread())
+            held.append(client)
+            h.wait_until(lambda: sum(spread()) == len(held), WAIT, "the session counted")
+            time.sleep(0.2)
+            if len(held) == 3:
+                if all(spread()):
+                    break
+                h.close(held.pop(0))
+                h.wait_until(lambda: sum(spread()) == 2, WAIT, "the session closed")
+                time.sleep(0.2)
+        assert len(held) == 3 and all(spread()), "never spread over both receivers: %s" % spread()
+        for _ in range(6):
+            client = h.smtp(lab.port)
+            banner = client.banner
+            h.close(client)
+            assert banner[0] == 421 and b"4.7.0" in banner[1], (banner, spread())
+        # One of the three leaves: a fourth may come, on whichever receiver takes it.
+        h.close(held.pop(0))
+        h.wait_until(lambda: sum(spread()) == 2, WAIT, "the session closed")
+        time.sleep(0.2)
+        client = h.smtp(lab.port)
+        held.append(client)
+        assert client.banner[0] == 220, client.banner
+    finally:
+        for client in held:
+            h.close(client)

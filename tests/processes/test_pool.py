@@ -81,6 +81,23 @@ class ReceiverReportTests(SynchronousTestCase):
         receiver.observe("protocol", self.protocol("command", "MAIL FROM:<a@b>"))
         self.assertEqual(len(receiver.channel.sent), 1)
 
+    def test_counters_reported_and_applied(self):
+        receiver = Receiver(MemoryReactorClock(), False, {})
+        receiver.channel = FakeChannel()
+        from mailgate.smtp.anvil import Anvil
+
+        anvil = Anvil(receiver.reactor)
+        receiver.gateway = type("G", (), {"anvil": anvil})()
+        anvil.share(receiver.share)
+        limits = type("L", (), {"max_connections": 2, "max_connections_per_ip": 0,
+                                "connection_rate_per_ip": None})()
+        receiver.counted("7", ["c", "192.0.2.1"])
+        self.assertIsNone(anvil.connect("192.0.2.2", limits))
+        self.assertEqual(anvil.connect("192.0.2.3", limits), "max_connections")
+        self.assertEqual(receiver.channel.sent, [{"t": "anvil", "op": ["c", "192.0.2.2"]}])
+        receiver.forget("7")
+        self.assertIsNone(anvil.connect("192.0.2.3", limits))
+
     def test_commits_and_logs(self):
         from twisted.logger import LogLevel
 
@@ -240,6 +257,35 @@ class PoolTests(SynchronousTestCase):
         mine = [e for e in logged if e.get("log_namespace") == "mailgate.smtp.server"]
         self.assertEqual([(e["log_level"].name, e["msg"], e["receiver"]) for e in mine],
                          [("warn", "hello", 0)])
+
+    def test_counters_are_shared_and_a_new_receiver_learns_the_open_connections(self):
+        """
+        mailgate.smtp.anvil across processes: each receiver's change goes to the others (not back
+        to itself); a receiver that ends is forgotten by the others; one started later is told
+        the connections still open on the others.
+        """
+        protos = self.start()
+        for proto in protos:
+            say(proto, {"t": "ready"})
+            del proto.transport.written[:]
+        say(protos[0], {"t": "anvil", "op": ["c", "192.0.2.1"]},
+            {"t": "anvil", "op": ["c", "192.0.2.1"]}, {"t": "anvil", "op": ["d", "192.0.2.1"]},
+            {"t": "anvil", "op": ["t", "message_rate_per_ip", "192.0.2.1", 5, 60.0, 1]})
+        say(protos[1], {"t": "anvil", "op": ["c", "192.0.2.9"]})
+        first, second = protos[0].origin, protos[1].origin
+        self.assertNotEqual(first, second)
+        self.assertEqual([m["op"][0] for m in protos[1].transport.messages()], ["c", "c", "d", "t"])
+        self.assertEqual({m["o"] for m in protos[1].transport.messages()}, {first})
+        self.assertEqual(protos[0].transport.messages(),
+                         [{"t": "anvil", "o": second, "op": ["c", "192.0.2.9"]}])
+        del protos[0].transport.written[:]
+        protos[1].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(protos[0].transport.messages(), [{"t": "anvil-gone", "o": second}])
+        self.reactor.advance(1)
+        again = self.reactor.spawned[2][0]
+        config = again.transport.messages()[0]
+        self.assertEqual(config["anvil"], {first: {"192.0.2.1": 1}})
+        self.assertNotEqual(again.origin, second)
 
     def test_health_until_all_accept(self):
         protos = self.start()

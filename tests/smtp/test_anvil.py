@@ -159,3 +159,62 @@ class AnvilTests(SynchronousTestCase):
         self.assertIsNone(self.anvil.auth_blocked("203.0.113.9", "alice", lim))
         self.clock.advance(601)
         self.assertIsNone(self.anvil.auth_blocked("192.0.2.1", "bob", lim))
+
+
+class SharedTests(SynchronousTestCase):
+    """Two receiver processes' counters, joined as mailgate.processes joins them (through JSON)."""
+
+    def setUp(self):
+        import json
+
+        self.clock = Clock()
+        self.a, self.b = Anvil(self.clock), Anvil(self.clock)
+        self.a.share(lambda op: self.b.apply("a", json.loads(json.dumps(op))))
+        self.b.share(lambda op: self.a.apply("b", json.loads(json.dumps(op))))
+
+    def test_connections_per_ip_count_in_every_process(self):
+        lim = limits(max_connections_per_ip=2)
+        self.assertIsNone(self.a.connect("192.0.2.1", lim))
+        self.assertIsNone(self.b.connect("192.0.2.1", lim))
+        self.assertEqual(self.a.connect("192.0.2.1", lim), "max_connections_per_ip")
+        self.assertEqual(self.b.connect("192.0.2.1", lim), "max_connections_per_ip")
+        self.a.disconnect("192.0.2.1")
+        self.assertIsNone(self.b.connect("192.0.2.1", lim))
+        self.assertEqual((self.a.connections, self.b.connections), (2, 2))
+
+    def test_a_gone_process_no_longer_counts(self):
+        lim = limits(max_connections=2)
+        self.a.connect("192.0.2.1", lim)
+        self.a.connect("192.0.2.2", lim)
+        self.assertEqual(self.b.connect("192.0.2.3", lim), "max_connections")
+        self.b.forget("a")  # killed with its sessions open: it will never say disconnect
+        self.assertEqual(self.b.connections, 0)
+        self.assertIsNone(self.b.connect("192.0.2.3", lim))
+        self.assertEqual(self.b.open_from("192.0.2.1"), 0)
+
+    def test_rates_are_spent_in_every_process(self):
+        rate = Rate(3, 60.0)
+        self.assertTrue(self.a.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.assertTrue(self.b.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.assertTrue(self.a.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.assertFalse(self.b.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.assertFalse(self.a.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.clock.advance(20)  # one token back, in both
+        self.assertTrue(self.b.take("message_rate_per_ip", "192.0.2.1", rate))
+        self.assertFalse(self.a.take("message_rate_per_ip", "192.0.2.1", rate))
+
+    def test_failed_logins_block_in_every_process(self):
+        lim = limits(max_auth_failures_per_ip=2, max_auth_failures_per_user=20)
+        self.a.auth_failed("192.0.2.1", "Alice", lim)
+        self.assertIsNone(self.b.auth_blocked("192.0.2.1", None, lim))
+        self.b.auth_failed("192.0.2.1", "alice", lim)
+        self.assertEqual(self.a.auth_blocked("192.0.2.1", None, lim), "max_auth_failures_per_ip")
+        self.assertEqual(self.b.auth_blocked("192.0.2.1", None, lim), "max_auth_failures_per_ip")
+
+    def test_what_a_peer_cannot_mean_is_ignored(self):
+        lim = limits(max_connections=5)
+        for op in ([], ["x"], ["c"], ["t", "n", "k", "many", 1, 1], ["f"], "c", None):
+            self.assertFalse(self.a.apply("b", op))
+        self.assertFalse(self.a.apply("b", ["d", "192.0.2.1"]))  # never counted: no underflow
+        self.assertEqual(self.a.connections, 0)
+        self.assertIsNone(self.a.connect("192.0.2.1", lim))

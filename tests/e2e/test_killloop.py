@@ -83,6 +83,7 @@ class Clients:
         self.lock = threading.Lock()
         self.sent = 0
         self.acked = set()
+        self.replies = {}  # token -> the text of its 250 (it names the queue id)
         self.unexpected = []
         self.counter = 0
         self.threads = [threading.Thread(target=self._run, args=(kind, i), daemon=True)
@@ -136,6 +137,7 @@ class Clients:
                     if code == 250:
                         with self.lock:
                             self.acked.add(token)
+                            self.replies[token] = text.decode("ascii", "replace")
                     else:
                         self.unexpected.append((token, "DATA", code, text))
             except (smtplib.SMTPException, OSError, ssl.SSLError):
@@ -174,6 +176,19 @@ def _wait_delivered(sink, tokens, gw, timeout=DRAIN_TIMEOUT):
             return set()
         time.sleep(0.2)
     return tokens - set(sink.deliveries())
+
+
+def _explain(missing, clients, gw):
+    """What the gateway logged about each missing message: its 250 names the queue id."""
+    lines = []
+    for token in sorted(missing)[:5]:
+        reply = clients.replies.get(token, "")
+        queue_id = reply.split()[-1] if reply else None
+        lines.append("%s: %r" % (token, reply))
+        if queue_id:
+            lines += ["    " + line for line in gw.stdout_lines if queue_id in line][:40]
+    lines.append("still queued: %s" % sorted(h.queued_ids(gw.path("spool")))[:10])
+    return "\n".join(lines)
 
 
 def test_kill_minus_9_loop(tmp_path):
@@ -225,7 +240,7 @@ def test_kill_minus_9_loop(tmp_path):
         print("kill -9 loop: " + counts)
         assert len(kills) >= 20
         assert clients.acked, "nothing was acknowledged"
-        assert not missing, "acknowledged but never delivered: %s (%s)" % (sorted(missing)[:10], counts)
+        assert not missing, "acknowledged but never delivered (%s):\n%s" % (counts, _explain(missing, clients, gw))
         assert not unexplained, "delivered twice without a kill in between: %s" % unexplained[:10]
         assert not [u for u in clients.unexpected if u[2] and 500 <= u[2] < 600], clients.unexpected
 
@@ -240,7 +255,7 @@ def test_kill_minus_9_loop(tmp_path):
               % (calm.sent, len(calm.acked), len(phase2), sum(n - 1 for n in twice.values())))
         assert calm.acked and calm.sent == len(calm.acked), (calm.sent, len(calm.acked),
                                                               calm.unexpected[:5])
-        assert not missing, sorted(missing)[:10]
+        assert not missing, _explain(missing, calm, gw)
         assert set(phase2) == calm.acked
         assert twice == {}
         gw.stop()

@@ -47,6 +47,35 @@ class SendNowTests(TestCase):
         echoed = yield client.done
         self.assertEqual(echoed, b"a" + b"b" * 100 + big + b"cEND")
 
+    @defer.inlineCallbacks
+    def test_both_ends_turn_nagle_off(self):
+        """
+        TCP_NODELAY on accepted and on outgoing sockets: with Nagle on, a command written while
+        the previous segment waits for the peer's delayed ACK sits for 40 ms.
+        """
+        accepted = defer.Deferred()
+
+        class Server(protocol.Protocol):
+            def connectionMade(self):
+                accepted.callback(self)
+
+        port = tcp.listen_tcp(reactor, 0, protocol.Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connected = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self):
+                connected.callback(self)
+
+        connector = tcp.connect_tcp(reactor, "127.0.0.1", port.getHost().port,
+                                    protocol.ClientFactory.forProtocol(Client))
+        self.addCleanup(connector.disconnect)
+        client = yield connected
+        server = yield accepted
+        self.addCleanup(server.transport.loseConnection)
+        for transport in (client.transport, server.transport):
+            self.assertTrue(transport.getTcpNoDelay(), transport)
+
     def test_idle_write_is_sent_without_the_reactor(self):
         """Nothing queued: the bytes are in the kernel when write returns."""
         a, b = socket.socketpair()

@@ -18,6 +18,21 @@ from tests.delivery.test_client import HOSTNAME, LOOPBACK, MESSAGE, RCPT, SENDER
 from tests.sinks import Sink
 
 
+class _FastClock:
+    """The reactor, but its clock moves on a second each time it is read."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._reads = 0
+
+    def seconds(self):
+        self._reads += 1
+        return self._reactor.seconds() + self._reads
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+
 class FakeConnection:
     def __init__(self, born=0.0):
         self.born = born
@@ -99,11 +114,11 @@ class ReuseTests(TestCase):
         self.addCleanup(sink.stop)
         return sink
 
-    def deliverer(self, **delivery):
+    def deliverer(self, clock=reactor, **delivery):
         values = dict(connect_timeout=5.0, command_timeout=5.0, data_timeout=10.0,
                       connection_cache_time=5.0)
         values.update(delivery)
-        deliverer = Deliverer(reactor, HOSTNAME, DeliveryConfig(**values), TLSConfig())
+        deliverer = Deliverer(clock, HOSTNAME, DeliveryConfig(**values), TLSConfig())
         self.addCleanup(deliverer.close)
         return deliverer
 
@@ -213,6 +228,9 @@ class ReuseTests(TestCase):
     @defer.inlineCallbacks
     def test_old_connection_is_not_kept(self):
         sink = self.sink()
-        results = yield self.deliver_twice(sink, self.deliverer(connection_reuse_time=0.001))
+        # A second passes each time the deliverer reads the clock: the connection is older than
+        # connection_reuse_time when its first transaction ends, however fast loopback is.
+        deliverer = self.deliverer(clock=_FastClock(reactor), connection_reuse_time=1.5)
+        results = yield self.deliver_twice(sink, deliverer)
         self.assertEqual([r.outcome for r in results], ["delivered", "delivered"])
         self.assertEqual(sink.connections, 2)

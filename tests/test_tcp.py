@@ -26,20 +26,24 @@ class Collect(protocol.Protocol):
 
 
 class SendNowTests(TestCase):
-    @defer.inlineCallbacks
-    def test_round_trip_and_order(self):
-        port = tcp.listen_tcp(reactor, 0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    def connect(self, server, client):
+        """Listen with server (a protocol class), connect a client -> Deferred[client protocol]."""
+        port = tcp.listen_tcp(reactor, 0, protocol.Factory.forProtocol(server), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         connected = defer.Deferred()
 
-        class Client(Collect):
+        class Client(client):
             def connectionMade(self):
                 connected.callback(self)
 
         connector = tcp.connect_tcp(reactor, "127.0.0.1", port.getHost().port,
                                     protocol.ClientFactory.forProtocol(Client))
         self.addCleanup(connector.disconnect)
-        client = yield connected
+        return connected
+
+    @defer.inlineCallbacks
+    def test_round_trip_and_order(self):
+        client = yield self.connect(Echo, Collect)
         self.assertIsInstance(client.transport, tcp.Client)
         big = b"x" * (8 * 1024 * 1024)  # more than the kernel takes at once: the rest queued
         for chunk in (b"a", b"b" * 100, big, b"c", b"END"):
@@ -59,18 +63,7 @@ class SendNowTests(TestCase):
             def connectionMade(self):
                 accepted.callback(self)
 
-        port = tcp.listen_tcp(reactor, 0, protocol.Factory.forProtocol(Server), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        connected = defer.Deferred()
-
-        class Client(protocol.Protocol):
-            def connectionMade(self):
-                connected.callback(self)
-
-        connector = tcp.connect_tcp(reactor, "127.0.0.1", port.getHost().port,
-                                    protocol.ClientFactory.forProtocol(Client))
-        self.addCleanup(connector.disconnect)
-        client = yield connected
+        client = yield self.connect(Server, protocol.Protocol)
         server = yield accepted
         self.addCleanup(server.transport.loseConnection)
         for transport in (client.transport, server.transport):

@@ -50,7 +50,7 @@ class Deliverer:
     def __init__(self):
         self.delivered = 0
 
-    def deliver(self, route, hops, sender, recipients, data):
+    def deliver(self, route, hops, sender, recipients, data, transfer=None):
         self.delivered += len(recipients)
         return defer.succeed([RecipientResult(r, "delivered", 250, "2.0.0", "ok", hops[0])
                               for r in recipients])

@@ -109,6 +109,8 @@ class _Receiver(protocol.ProcessProtocol):
                 self.pool.anvil(self, message.get("op"))
             elif kind == "q":
                 self.pool.committed(message.get("id"), message.get("s"))
+            elif kind == "w":
+                self.pool.write_error = str(message.get("e"))
             elif kind == "log":
                 self._log(message)
             elif kind == "ready":
@@ -165,6 +167,7 @@ class ReceiverPool(service.Service):
         self._announced = False
         self._origins = 0
         self._open = {}  # origin -> Counter(client key -> open connections): for new receivers
+        self.write_error = None  # why a receiver's message write failed, until one commits again
 
     # -- life
 
@@ -286,6 +289,7 @@ class ReceiverPool(service.Service):
                      ready="queue ready: " if first else "", count=len(self.current))
 
     def committed(self, queue_id, state):
+        self.write_error = None  # a receiver's write worked
         announce = getattr(self.gateway.queue, "announce", None)
         if announce is None or not isinstance(queue_id, str) or not isinstance(state, str):
             return
@@ -363,7 +367,10 @@ class ReceiverPool(service.Service):
         """For /healthz: receivers of the current generation that do not accept."""
         if not self.running:
             return []
+        problems = []
         ready = sum(1 for r in self.current if r.ready and not r.ended.called)
         if ready < len(self.current):
-            return ["receivers: %d of %d accepting" % (ready, len(self.current))]
-        return []
+            problems.append("receivers: %d of %d accepting" % (ready, len(self.current)))
+        if self.write_error is not None:
+            problems.append("queue not writable: %s" % (self.write_error,))
+        return problems

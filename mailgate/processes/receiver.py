@@ -97,6 +97,10 @@ class Receiver:
     def committed(self, queue_id, state):
         self.channel.send({"t": "q", "id": queue_id, "s": state})
 
+    def write_state(self, why):
+        """A message write failed (why): for the main /healthz, until we commit one again."""
+        self.channel.send({"t": "w", "e": why})
+
     # -- the counters the receivers share (mailgate.smtp.anvil)
 
     def share(self, op):
@@ -135,6 +139,9 @@ class Receiver:
             self.gateway = build_service(config, self.reactor, adopted=adopted)
             self.gateway.events.subscribe(self.observe)
             self.gateway.queue.subscribe(self.committed)
+            watch = getattr(self.gateway.queue, "watch_writes", None)
+            if watch is not None:
+                watch(self.write_state)
             anvil = self.gateway.anvil
             for origin, counts in (theirs or {}).items():  # the others' open connections
                 for key, n in (counts.items() if isinstance(counts, dict) else ()):

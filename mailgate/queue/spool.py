@@ -568,6 +568,7 @@ class Spool(LocalWork):
         self._subscribers = []
         self._state_locks = {}  # queue_id -> DeferredLock: saves of one message land in call order
         self.write_error = None  # why the last write failed, until a write succeeds again
+        self._write_watchers = []
         self._claims = LocalClaims(self, owner)
 
     def _in_pool(self, f, *args):
@@ -638,6 +639,8 @@ class Spool(LocalWork):
                 log.error("Spool {path}: writes fail ({error}); every message gets 451 4.3.0 "
                           "until they work again", path=self.path, error=_why(error))
             self.write_error = _why(error)
+            for watcher in self._write_watchers:
+                watcher("spool %s: the last write failed: %s" % (self.path, self.write_error))
         return failure
 
     def _wrote(self, result=None):
@@ -645,6 +648,14 @@ class Spool(LocalWork):
             log.info("Spool {path}: writes work again", path=self.path)
             self.write_error = None
         return result
+
+    def watch_writes(self, callback):
+        """
+        callback(why) on every failed write: a receiver process passes it to the main process,
+        whose /healthz must say so (its own probe may find a page free that a message does not
+        fit in) until a receiver commits a message again.
+        """
+        self._write_watchers.append(callback)
 
     def load(self, queue_id):
         _check_id(queue_id)

@@ -2,8 +2,9 @@
 End to end: the real gateway under faults it must survive while serving everyone else.
 
 - Disk full, for real: the spool is a 2 MiB tmpfs mounted for the test (as root; CI runs as root)
-  and filled.  Messages get 451 4.3.0, never 250; delivery's state files fail too; /healthz says
-  "No space left on device" while it lasts; once space returns, the next message is accepted and
+  and filled but for a page.  Messages get 451 4.3.0, never 250; delivery's state files fail too;
+  /healthz says "No space left on device" while it lasts (what the receivers found, not only the
+  main process's small probe); once space returns, the next message is accepted and
   /healthz is 200 again, without a restart.
 - DNS dead (nothing listening) or hanging (the loopback server never answers): every session
   ends within its timeouts, with the SPF filter's temperror reply where it asks for one, and a
@@ -114,7 +115,13 @@ def test_disk_full_is_451_and_healthz_says_why_until_space_returns(tmpfs):
         code, text = send(port, "before")
         queued_before = h.queue_id_of(code, text)
         assert healthz(metrics) == (200, "ok\n")
+        spare = os.path.join(spool, "spare")
+        with open(spare, "wb") as f:
+            f.write(b"\0" * 4096)
         filler = fill(spool)
+        # One page free again (as when a delivery's state file is replaced just after the disk
+        # filled): the main process's probe fits in it, the messages do not.
+        os.unlink(spare)
         answers = [send(port, "full %d" % i, size=20000) for i in range(5)]
         assert all(code == 451 for code, _ in answers), answers
         assert all(text.startswith(b"4.3.0 ") for _, text in answers), answers

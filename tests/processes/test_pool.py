@@ -76,6 +76,12 @@ class ReceiverReportTests(SynchronousTestCase):
                                  ("protocol", "reply"), ("protocol", "disconnect"),
                                  ("tracking", "RECEIVE"), ("dns", None)])
 
+    def test_write_failures_are_sent(self):
+        receiver = self.receiver()
+        receiver.write_state("spool /q: the last write failed: No space left on device (ENOSPC)")
+        self.assertEqual(receiver.channel.sent, [
+            {"t": "w", "e": "spool /q: the last write failed: No space left on device (ENOSPC)"}])
+
     def test_all_mode_sends_everything(self):
         receiver = self.receiver(all_events=True)
         receiver.observe("protocol", self.protocol("command", "MAIL FROM:<a@b>"))
@@ -292,6 +298,18 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(self.pool.problems(), ["receivers: 0 of 2 accepting"])
         say(protos[0], {"t": "ready"})
         say(protos[1], {"t": "ready"})
+        self.assertEqual(self.pool.problems(), [])
+
+    def test_health_says_a_receivers_message_write_failed_until_one_works(self):
+        # The main process's own probe may find a page free that a message does not fit in.
+        protos = self.start()
+        for proto in protos:
+            say(proto, {"t": "ready"})
+        why = "spool /q: the last write failed: No space left on device (ENOSPC)"
+        say(protos[0], {"t": "w", "e": why})
+        say(protos[1], {"t": "w", "e": why})
+        self.assertEqual(self.pool.problems(), ["queue not writable: " + why])
+        say(protos[0], {"t": "q", "id": "A", "s": "active"})  # the other one commits one
         self.assertEqual(self.pool.problems(), [])
 
     def test_a_dead_receiver_is_started_again_with_backoff(self):

@@ -242,6 +242,20 @@ class DiskFullTests(SpoolTestMixin, TestCase):
         self.assertEqual(sorted(self.names("active")), sorted([kept, second]))
         self.flushLoggedErrors()
 
+    def test_watchers_hear_every_failure(self):
+        heard = []
+        self.spool.watch_writes(heard.append)
+        self.enqueue()
+        self.runner.full = errno.ENOSPC
+        for _ in range(2):
+            self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)
+        self.runner.full = None
+        self.enqueue()
+        self.enqueue()
+        why = "spool %s: the last write failed: No space left on device (ENOSPC)" % self.path
+        self.assertEqual(heard, [why, why])
+        self.flushLoggedErrors()
+
     def test_io_error_too(self):
         self.runner.full = errno.EIO
         self.failureResultOf(self.spool.enqueue(make_envelope(), BODY), OSError)

@@ -147,9 +147,11 @@ def test_a_dead_nodes_mail_is_delivered_by_the_other_after_the_lease(site):
     stuck = site.sink(hang=True)  # node a's next hop never answers: a is mid-delivery
     good = site.sink()
     a = site.gateway("a", stuck)
-    site.gateway("b", good)
     [queue_id] = send(a.ports["relay"], ["to be taken over"]).values()
     h.wait_until(lambda: stuck.connections >= 1, 20, "node a connecting to its next hop")
+    # b starts only now: woken by NOTIFY, a running b may claim the new mail before a does (any
+    # node may deliver any message), and this test is about a lease held by a dead node
+    site.gateway("b", good)
     listing = site.queue_cli("b", "list")
     assert queue_id in listing and "(being delivered by a, lease for" in listing, listing
     assert good.messages == []  # b leaves it alone while a renews its lease

@@ -416,12 +416,21 @@ class DurabilityOrderTests(SpoolTestMixin, TestCase):
         runner = QueuedRunner()
         self.spool = self.make_spool(runner)
         d = self.spool.enqueue(make_envelope(), BODY)
-        runner.run_one()  # the write
         self.assertNoResult(d)
-        self.assertEqual(self.names("active"), [])
-        self.assertEqual(len(runner.jobs), 1)  # the commit job waits in the pool
+        self.assertEqual(self.names("tmp"), [])  # the write is part of the commit job, not before it
+        second = self.spool.enqueue(make_envelope(), BODY)
+        third = self.spool.enqueue(make_envelope(), BODY)
+        self.assertEqual(len(runner.jobs), 1)  # the others wait for the next commit job
         runner.run_one()
         self.successResultOf(d)
+        self.assertNoResult(second)
+        self.assertEqual(len(self.names("active")), 1)
+        self.assertEqual(len(runner.jobs), 1)  # one job for both: writes, renames, one fsync of active/
+        runner.run_one()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertEqual(len(self.names("active")), 3)
+        self.assertEqual(runner.jobs, [])
 
 
 class StateTests(SpoolTestMixin, TestCase):
@@ -620,10 +629,9 @@ class SubscribeTests(SpoolTestMixin, TestCase):
         spool.subscribe(lambda queue_id, state: self.heard.append((queue_id, state)))
         envelope = make_envelope()
         d = spool.enqueue(envelope, BODY, "hold")
-        runner.run_one()  # the write
         self.assertEqual(self.heard, [])
         self.assertNoResult(d)
-        runner.run_one()  # the commit: rename and fsync
+        runner.run_one()  # the commit: write, rename and fsync
         self.assertEqual(self.heard, [(envelope.queue_id, "hold")])
         self.assertEqual(seen_on_disk, [True])
         self.assertEqual(self.successResultOf(d), envelope.queue_id)
@@ -776,8 +784,7 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         self.spool = self.make_spool(runner)
         fsyncs = self.count_dir_fsyncs()
         blocker = self.spool.remove(first)  # keeps the committer busy so the rest queue up
-        added = self.spool.enqueue(make_envelope(), BODY, "deferred")
-        runner.run_one(1)  # the write finishes first: its rename waits for the next commit
+        added = self.spool.enqueue(make_envelope(), BODY, "deferred")  # waits for the next commit
         moved = self.spool.move(second, "deferred")
         missing = self.spool.remove(new_queue_id())
         runner.run_all()
@@ -789,6 +796,24 @@ class GroupCommitTests(SpoolTestMixin, TestCase):
         self.assertEqual(len(fsyncs), 1 + 2)  # active/ for the first job; deferred/ and active/
         self.assertEqual(self.names("active"), [])
         self.assertEqual(len(self.names("deferred")), 2)
+
+
+    def test_failed_write_in_a_batch_fails_only_its_message(self):
+        runner = QueuedRunner()
+        self.spool = self.make_spool(runner)
+        blocker = self.spool.enqueue(make_envelope(), BODY)  # the others share the next job
+        clash = make_envelope()
+        with open(os.path.join(self.path, "tmp", clash.queue_id), "wb") as f:
+            f.write(b"another writer's file")  # O_EXCL makes this message's write fail
+        good = make_envelope()
+        failed, written = self.spool.enqueue(clash, BODY), self.spool.enqueue(good, BODY)
+        runner.run_all()
+        self.successResultOf(blocker)
+        self.failureResultOf(failed, FileExistsError)
+        self.assertEqual(self.successResultOf(written), good.queue_id)
+        self.assertEqual(self.spool.commit_jobs, 2)
+        self.assertNotIn(clash.queue_id, self.names("active"))
+        self.assertEqual(self.names("tmp"), [clash.queue_id])  # the other writer's file is untouched
 
 
 class CrashRecoveryTests(SpoolTestMixin, TestCase):
@@ -897,7 +922,8 @@ class CrashRecoveryTests(SpoolTestMixin, TestCase):
 
 
 class WriteErrorTests(SpoolTestMixin, TestCase):
-    def fail(self, name, error_number=errno.ENOSPC):
+    def break_syscall(self, name, error_number=errno.ENOSPC):
+        """Named so as not to hide TestCase.fail, which failureResultOf calls."""
         def broken(*args, **kwargs):
             raise OSError(error_number, os.strerror(error_number))
 
@@ -910,7 +936,7 @@ class WriteErrorTests(SpoolTestMixin, TestCase):
             self.assertEqual(self.names(directory), [], directory)
 
     def test_writev_fails(self):
-        self.fail("writev")
+        self.break_syscall("writev")
         self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
 
     def test_partial_writes_are_completed(self):
@@ -920,16 +946,16 @@ class WriteErrorTests(SpoolTestMixin, TestCase):
         self.assertEqual(self.successResultOf(self.spool.load(queue_id))[2], BODY)
 
     def test_fdatasync_fails(self):
-        self.fail("fdatasync", errno.EIO)
+        self.break_syscall("fdatasync", errno.EIO)
         self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
 
     def test_rename_fails(self):
-        self.fail("rename", errno.EIO)
+        self.break_syscall("rename", errno.EIO)
         self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
 
     def test_directory_fsync_fails(self):
         """The rename happened but is not durable: the client gets 451, so the entry must go."""
-        self.fail("fsync", errno.EIO)
+        self.break_syscall("fsync", errno.EIO)
         self.assertNothingQueued(self.spool.enqueue(make_envelope(), BODY))
 
     def test_tmp_not_a_directory(self):
@@ -958,7 +984,7 @@ class WriteErrorTests(SpoolTestMixin, TestCase):
 
         def flaky(f, *args):
             calls.append(f)
-            if f is spool_module._commit and len(calls) == 2:
+            if f is spool_module._commit and len(calls) == 1:
                 raise RuntimeError("pool is gone")
             return sync_runner(f, *args)
 

@@ -61,6 +61,13 @@ class IQueue(Interface):
         entry): what a scheduler resumes from after a restart.
         """
 
+    def load_with_state(queue_id):
+        """
+        Fires with (state, envelope, data, delivery state bytes or None): load() and load_state()
+        in one read, which is what the scheduler needs for each delivery round (one thread job or
+        database round trip a message instead of two).  KeyError when there is no entry.
+        """
+
     def subscribe(callback):
         """
         Call callback(queue_id, state) on the reactor thread each time enqueue() or move() in this

@@ -91,6 +91,11 @@ class MemoryQueue:
     def load_state(self, queue_id):
         return defer.succeed(self.saved_states.get(queue_id))
 
+    def load_with_state(self, queue_id):
+        envelope, data = self.messages[queue_id]
+        return defer.succeed((self.where.get(queue_id, "active"), envelope, data,
+                              self.saved_states.get(queue_id)))
+
     def check_writable(self):
         return defer.succeed(not self.fail)
 

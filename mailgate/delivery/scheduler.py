@@ -415,12 +415,12 @@ class DeliveryService(service.Service):
     def _claimed_round(self, queue_id):
         forced = queue_id in self._forced
         self._forced.discard(queue_id)
-        state, envelope, data = yield self.queue.load(queue_id)
+        state, envelope, data, raw = yield self.queue.load_with_state(queue_id)
         if state not in DELIVERABLE or queue_id in self._withdrawn:
             return
         msg = self._unsaved.pop(queue_id, None)
         if msg is None:
-            msg = MessageState.from_bytes((yield self.queue.load_state(queue_id)), envelope)
+            msg = MessageState.from_bytes(raw, envelope)
         else:
             yield self._save(queue_id, msg, self._claims.get(queue_id))  # what the last round could not save, first
         now = self.clock.seconds()

@@ -94,6 +94,11 @@ def _job_load(c, queue_id):
     return row[0], row[1], bytes(row[2])
 
 
+def _job_load_with_state(c, queue_id):
+    state, envelope, data = _job_load(c, queue_id)
+    return state, envelope, data, _job_load_state(c, queue_id)
+
+
 def _job_list(c, state):
     if state is None:
         cur = c.execute("SELECT state, envelope FROM mailgate_messages ORDER BY queue_id")
@@ -388,6 +393,11 @@ class PostgresQueue:
         _check_id(queue_id)
         d = self.db.run(_job_load, queue_id)
         return d.addCallback(lambda row: (row[0], Envelope.from_json(row[1]), row[2]))
+
+    def load_with_state(self, queue_id):
+        _check_id(queue_id)
+        d = self.db.run(_job_load_with_state, queue_id)
+        return d.addCallback(lambda row: (row[0], Envelope.from_json(row[1]), row[2], row[3]))
 
     def list(self, state=None):
         if state is not None:

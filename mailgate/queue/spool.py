@@ -396,6 +396,12 @@ def _load(root, queue_id):
     raise KeyError(queue_id)
 
 
+def _load_with_state(root, queue_id):
+    """(state, envelope, data, state bytes or None): the scheduler's read for a round, one job."""
+    state, envelope, data = _load(root, queue_id)
+    return state, envelope, data, _load_state(root, queue_id)
+
+
 def _scan(root, state):
     """([(state, envelope)], [problem]) for one state directory; bad entries are set aside."""
     directory = os.path.join(root, state)
@@ -667,6 +673,10 @@ class Spool(LocalWork):
     def load(self, queue_id):
         _check_id(queue_id)
         return self._run(_load, self.path, queue_id).addErrback(self._load_failed)
+
+    def load_with_state(self, queue_id):
+        _check_id(queue_id)
+        return self._run(_load_with_state, self.path, queue_id).addErrback(self._load_failed)
 
     def _load_failed(self, failure):
         if failure.check(CorruptEntryError):

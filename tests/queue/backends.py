@@ -149,6 +149,21 @@ class QueueBehaviour:
         yield self.assertFailure(self.queue.save_state(queue_id, second.to_bytes()), KeyError)
 
     @defer.inlineCallbacks
+    def test_load_with_state_is_load_and_load_state_in_one(self):
+        envelope = yield self.enqueue()
+        queue_id = envelope.queue_id
+        state, loaded, data, raw = yield self.queue.load_with_state(queue_id)
+        self.assertEqual((state, loaded.queue_id, raw), ("active", queue_id, None))
+        self.assertEqual(data, (yield self.queue.load(queue_id))[2])
+        saved = state_bytes(envelope)
+        yield self.queue.save_state(queue_id, saved)
+        yield self.queue.move(queue_id, "deferred")
+        state, _, _, raw = yield self.queue.load_with_state(queue_id)
+        self.assertEqual((state, normalized(raw)), ("deferred", normalized(saved)))
+        yield self.queue.remove(queue_id)
+        yield self.assertFailure(self.queue.load_with_state(queue_id), KeyError)
+
+    @defer.inlineCallbacks
     def test_unknown_state_keys_are_kept(self):
         envelope = yield self.enqueue()
         state = json.loads(state_bytes(envelope).decode())
